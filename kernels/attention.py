@@ -1,0 +1,362 @@
+"""Python API of the bundled kernel: argument checks, launch configuration, autograd.
+
+Every argument is checked here, before Triton sees it, so that bad input gives a
+``ValueError``/``TypeError`` naming the argument and what is accepted instead of
+a crash inside a kernel or a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import triton_kernels as tk
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+ALIGNMENTS = ("top_left", "bottom_right")
+LOG2E = math.log2(math.e)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its numpy interpreter (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    fwd: Tile
+    dkdv: Tile
+    dq: Tile
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tile shapes by head dim and dtype; smaller tiles where registers/shared memory run short."""
+    if interpreting():  # numpy: fewer, larger programs are faster; 32 keeps edge tiles exercised
+        t = Tile(32, 32)
+        return LaunchConfig(t, t, t)
+    wide = dtype == torch.float32
+    if head_dim <= 64:
+        fwd, dkdv, dq = Tile(128, 64, 4, 3), Tile(32, 128, 4, 3), Tile(128, 32, 4, 3)
+    elif head_dim <= 128:
+        fwd, dkdv, dq = Tile(128, 64, 8, 3), Tile(32, 128, 8, 2), Tile(128, 32, 8, 2)
+    else:
+        fwd, dkdv, dq = Tile(64, 32, 8, 2), Tile(32, 64, 8, 1), Tile(64, 32, 8, 1)
+    if wide:
+        half = lambda t: Tile(max(16, t.block_m // 2), max(16, t.block_n // 2), t.num_warps, min(t.num_stages, 2))
+        fwd, dkdv, dq = half(fwd), half(dkdv), half(dq)
+    return LaunchConfig(fwd, dkdv, dq)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Checked arguments, in the form the kernels take."""
+    scale: float
+    window: bool
+    win_left: int
+    win_right: int
+    bottom_right: bool
+    key_lengths: torch.Tensor | None
+    mask: torch.Tensor | None  # expanded to (B, Hq, Nq, Nk); bool masks viewed as uint8
+    mask_kind: int
+    dropout_p: float
+    seed: int
+    dot_precision: str
+    config: LaunchConfig
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D), got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
+
+
+def _check_device(q):
+    if interpreting():
+        if q.device.type != "cpu":
+            raise ValueError(f"q is on {q.device}; under TRITON_INTERPRET=1 tensors must be on the cpu")
+    elif q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}; the Triton kernel needs cuda tensors "
+                         "(on a machine without a GPU, set TRITON_INTERPRET=1 before importing flashverify.kernels)")
+
+
+def _window_bounds(causal, window, nq, nk):
+    """(enabled, left, right) with 'unbounded' encoded as a distance no query can reach."""
+    unbounded = nq + nk + 1
+    if window is None:
+        return (True, unbounded, 0) if causal else (False, unbounded, unbounded)
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise ValueError(f"window must be a pair (left, right) of ints >= 0 or None, got {window!r}")
+    left, right = window
+    for side, val in (("left", left), ("right", right)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {val!r}")
+    if causal:
+        if right not in (None, 0):
+            raise ValueError(f"window=(left, right) with causal=True needs right 0 or None, got right={right}; "
+                             "causal already forbids keys after the diagonal")
+        right = 0
+    left = unbounded if left is None else min(left, unbounded)
+    right = unbounded if right is None else min(right, unbounded)
+    return True, left, right
+
+
+def _check_mask(attn_mask, B, H, nq, nk, device):
+    if attn_mask is None:
+        return None, tk.MASK_NONE.value
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {device}; they must match")
+    if attn_mask.dtype == torch.bool:
+        kind = tk.MASK_BOOL.value
+    elif attn_mask.dtype in SUPPORTED_DTYPES:
+        kind = tk.MASK_ADD.value
+        if attn_mask.requires_grad:
+            raise ValueError("attn_mask.requires_grad=True is not supported: the kernel gives no gradient "
+                             "for an additive mask; pass attn_mask.detach()")
+        if torch.isnan(attn_mask).any() or torch.isposinf(attn_mask).any():
+            raise ValueError("an additive attn_mask must hold finite values or -inf (NaN and +inf are not accepted)")
+    else:
+        raise TypeError(f"attn_mask.dtype must be bool (True = attend) or a float dtype "
+                        f"(float16, bfloat16, float32; added to scores), got {attn_mask.dtype}")
+    try:
+        expanded = attn_mask.expand(B, H, nq, nk)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(B, Hq, Nq, Nk) = {(B, H, nq, nk)}") from None
+    if kind == tk.MASK_BOOL.value:
+        expanded = expanded.view(torch.uint8) if expanded.is_contiguous() else expanded.to(torch.uint8)
+    return expanded, kind
+
+
+def _check_key_lengths(key_lengths, B, nk, device):
+    if key_lengths is None:
+        return None
+    if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError("key_lengths must be an int32/int64 tensor of shape (B,) or None")
+    if tuple(key_lengths.shape) != (B,):
+        raise ValueError(f"key_lengths must have shape (B,) = ({B},), got {tuple(key_lengths.shape)}")
+    if key_lengths.device != device:
+        raise ValueError(f"key_lengths is on {key_lengths.device}, q on {device}; they must match")
+    if B and (key_lengths.min() < 0 or key_lengths.max() > nk):
+        raise ValueError(f"key_lengths must lie in [0, Nk={nk}], got {key_lengths.tolist()}")
+    return key_lengths.to(torch.int32).contiguous()
+
+
+def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+           dropout_p, seed, allow_tf32, blocks) -> _Problem:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    _check_device(q)
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}; q, k, v must share a device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, {name} {t.dtype}")
+    B, H, nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, nk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch sizes differ: q has B={B}, k/v have B={Bk}")
+    if Dk != D:
+        raise ValueError(f"head dims differ: q has D={D}, k/v have D={Dk}; the kernel needs equal head dims")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"query heads Hq={H} must be a positive multiple of key/value heads Hkv={Hkv} (GQA/MQA)")
+    if nq < 1 or nk < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Nq={nq}, Nk={nk}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if causal_alignment not in ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
+    enabled, left, right = _window_bounds(causal, window, nq, nk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    else:
+        seed = 0
+    config = default_config(D, q.dtype)
+    if blocks is not None:
+        if not (isinstance(blocks, (tuple, list)) and len(blocks) == 2
+                and all(isinstance(x, int) and x >= 16 and x & (x - 1) == 0 for x in blocks)):
+            raise ValueError(f"blocks must be (block_m, block_n), powers of two >= 16, got {blocks!r}")
+        config = LaunchConfig(*(Tile(blocks[0], blocks[1], t.num_warps, t.num_stages)
+                                for t in (config.fwd, config.dkdv, config.dq)))
+    mask, mask_kind = _check_mask(attn_mask, B, H, nq, nk, q.device)
+    return _Problem(
+        scale=float(scale), window=enabled, win_left=left, win_right=right,
+        bottom_right=causal_alignment == "bottom_right",
+        key_lengths=_check_key_lengths(key_lengths, B, nk, q.device),
+        mask=mask, mask_kind=mask_kind, dropout_p=float(dropout_p), seed=seed,
+        dot_precision="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
+        config=config)
+
+
+def _mask_args(pb: _Problem, fallback):
+    mask = pb.mask if pb.mask is not None else fallback
+    strides = pb.mask.stride() if pb.mask is not None else (0, 0, 0, 0)
+    keylen = pb.key_lengths if pb.key_lengths is not None else fallback
+    return mask, keylen, strides
+
+
+def _flags(pb: _Problem, D: int):
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), WINDOW=pb.window,
+                ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
+                MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision)
+
+
+def _forward(q, k, v, pb: _Problem):
+    B, H, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
+    mask, keylen, ms = _mask_args(pb, q)
+    t = pb.config.fwd
+    grid = (triton.cdiv(nq, t.block_m), B * H)
+    tk._fwd_kernel[grid](
+        q, k, v, o, lse, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        H, H // Hkv, nq, nk, D, pb.scale * LOG2E, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        **_flags(pb, D))
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, pb: _Problem):
+    B, H, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    flags = _flags(pb, D)
+    delta = torch.empty_like(lse)
+    tk._bwd_delta_kernel[(triton.cdiv(nq, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    mask, keylen, ms = _mask_args(pb, q)
+    common = (H // Hkv, nq, nk, D, pb.scale * LOG2E, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed)
+    t = pb.config.dkdv
+    tk._bwd_dkdv_kernel[(triton.cdiv(nk, t.block_n), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, mask, keylen,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
+        H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps, num_stages=t.num_stages, **flags)
+    t = pb.config.dq
+    tk._bwd_dq_kernel[(triton.cdiv(nq, t.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, mask, keylen,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+        H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps, num_stages=t.num_stages, **flags)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pb):
+        o, lse = _forward(q, k, v, pb)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.pb = pb
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.pb)
+        return dq, dk, dv, None
+
+
+def _with_unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None, key_lengths=None,
+              attn_mask=None, scale=None, dropout_p=0.0, seed=None, return_lse=False,
+              allow_tf32=False, blocks=None):
+    """FlashAttention-2 forward (and, through autograd, backward) for (B, H, N, D) tensors.
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv (GQA/MQA:
+            query head h reads key/value head h // (Hq // Hkv), as torch's enable_gqa).
+            float16, bfloat16 or float32; any strides.
+        causal: forbid keys after the diagonal.
+        causal_alignment: "top_left" (query i sees keys j <= i, torch SDPA) or
+            "bottom_right" (query i sees keys j <= i + Nk - Nq, FlashAttention >= 2.1).
+            The same alignment places the sliding window.
+        window: (left, right) sliding window: query i sees keys j with
+            -left <= j - diag(i) <= right; None on a side means unbounded.
+        key_lengths: int tensor (B,): keys at positions >= key_lengths[b] are padding.
+            With bottom_right, the diagonal ends at the last valid key.
+        attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable
+            to (B, Hq, Nq, Nk). No gradient flows to it.
+        scale: softmax scale, default 1/sqrt(D).
+        dropout_p, seed: dropout on the attention probabilities, Philox keyed by seed (an int
+            in [0, 2**31); None draws one from torch's generator). The backward regenerates
+            the same mask; :func:`dropout_mask` materializes it.
+        return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Nq) float32.
+        allow_tf32: let float32 dot products use tf32 (default: IEEE float32).
+        blocks: (block_m, block_n) tile override, for testing edge tiles.
+
+    Rows with no allowed key return O = 0, LSE = -inf, and zero gradients.
+    The backward uses no atomics: gradients are bitwise deterministic.
+    """
+    pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                dropout_p, seed, allow_tf32, blocks)
+    q, k, v = (_with_unit_last_stride(t) for t in (q, k, v))
+    o, lse = _FlashAttention.apply(q, k, v, pb)
+    return (o, lse) if return_lse else o
+
+
+def dropout_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
+    """The bool keep-mask (B, Hq, Nq, Nk) that :func:`attention` uses for this seed and p."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    if len(shape) != 4 or any((not isinstance(s, int)) or s < 1 for s in shape):
+        raise ValueError(f"shape must be (B, Hq, Nq, Nk) of positive ints, got {shape!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    B, H, nq, nk = shape
+    out = torch.empty(shape, dtype=torch.uint8, device=device)
+    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), B * H)
+    tk._dropout_mask_kernel[grid](out, seed, float(dropout_p), H, nq, nk, BLOCK_M=32, BLOCK_N=32)
+    return out.bool()
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention on (B, H, N, D) inputs.
+
+    Same semantics (top-left causal, bool mask True = attend, float mask added, GQA only
+    with enable_gqa), with two documented differences: fully masked rows give 0, not NaN;
+    dropout uses the kernel's Philox stream seeded from torch's generator.
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True cannot both be given (as torch SDPA)")
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4:
+        if not enable_gqa and q.shape[1] != k.shape[1]:
+            raise ValueError(f"q has {q.shape[1]} heads and k has {k.shape[1]}: pass enable_gqa=True for GQA/MQA")
+    return attention(q, k, v, causal=bool(is_causal), attn_mask=attn_mask, scale=scale,
+                     dropout_p=dropout_p)

@@ -1,0 +1,342 @@
+"""Triton FlashAttention-2 kernels: forward, backward preprocess, dK/dV and dQ.
+
+The module is plain Triton so it runs unchanged under ``TRITON_INTERPRET=1``
+(numpy on the CPU) and natively on a GPU. Layout is (B, H, N, D) with explicit
+strides, so transposed views need no copy.
+
+Conventions shared by every kernel:
+
+* scores live in the log2 domain: ``s2 = (q . k) * scale * log2(e)`` so that
+  ``exp2`` can be used; the saved LSE is the natural-log one.
+* a score is *allowed* when the key is inside the sequence's key length, inside
+  the causal/sliding window, and not removed by a boolean mask. Disallowed
+  scores are ``-inf``; a query row with no allowed key gets O = 0, LSE = -inf
+  and zero gradients.
+* dropout keeps score (b, h, i, j) when ``rand(seed, ((b*H + h)*Nq + i)*Nk + j)
+  >= p``: 64-bit Philox offsets, so forward, backward and
+  :func:`_dropout_mask_kernel` regenerate the identical mask for any size.
+* the backward needs no atomics: dK/dV and dQ are separate kernels, so
+  gradients are bitwise deterministic.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Two bfloat16 defects of Triton's interpreter (seen on triton 3.8.0), worked around only
+# there: tl.dot multiplies bf16 operands as their raw uint16 bits, and float32 -> bf16
+# casts truncate (round toward zero) where GPUs round to nearest even. Upcasting dot
+# operands is exact (a GPU bf16 dot forms exact products accumulated in float32), and
+# _cast rounds to nearest even by hand, so the interpreter computes what the GPU does.
+INTERPRETER_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_ADD = tl.constexpr(2)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation."""
+    if INTERPRETER_BF16_FIX:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """float32 -> dtype, rounding to nearest even on every backend."""
+    if INTERPRETER_BF16_FIX:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _keep(seed, bh, qi, kj, NQ, NK, dropout_p):
+    """Dropout keep-mask for a tile; one formula for forward, backward and materialization.
+
+    qi, kj: query and key indices, broadcastable against each other (either orientation).
+    """
+    offset = (bh.to(tl.int64) * NQ + qi.to(tl.int64)) * NK + kj.to(tl.int64)
+    return tl.rand(seed, offset) >= dropout_p
+
+
+@triton.jit
+def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK,
+                   WINDOW: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Apply every masking rule to log2-domain scores; disallowed -> -inf.
+
+    qi, kj: query and key indices shaped to broadcast to s2 ([M, 1] and [1, N], or transposed).
+    """
+    allowed = (qi < NQ) & (kj < nk)
+    if WINDOW:
+        rel = kj - (qi + shift)
+        allowed = allowed & (rel >= -win_left) & (rel <= win_right)
+    in_bounds = (qi < NQ) & (kj < NK)
+    if MASK_KIND == MASK_BOOL:
+        keep = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0)
+        allowed = allowed & (keep != 0)
+    if MASK_KIND == MASK_ADD:
+        bias = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0)
+        s2 = s2 + bias.to(tl.float32) * LOG2E
+    return tl.where(allowed, s2, float("-inf"))
+
+
+@triton.jit
+def _key_length_and_shift(keylen_ptr, b, NQ, NK, KEYLEN: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr):
+    """Valid keys of batch entry b, and the causal/window diagonal's offset."""
+    nk = NK
+    if KEYLEN:
+        nk = tl.load(keylen_ptr + b)
+    shift = 0
+    if ALIGN_BOTTOM_RIGHT:
+        shift = nk - NQ
+    return nk, shift
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sob, soh, som, sod, smb, smh, smm, smn,
+                H, GROUP, NQ, NK, D, qk_scale2, win_left, win_right, dropout_p, seed,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < NQ) & d_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
+    lo = 0
+    hi = nk
+    if WINDOW:  # skip key blocks that lie wholly outside the window
+        lo = tl.maximum(pid_m * BLOCK_M + shift - win_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + shift + win_right)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < NK
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale2
+        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
+                            mask_base, smm, smn, NQ, NK, WINDOW, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp2(s2 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i * LN2 + tl.log(tl.where(empty, 1.0, l_i)))
+    row_ok = offs_m < NQ
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             _cast(o, O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_i = sum_d dO[i, d] * O[i, d] (the rowsum(dO o O) of FlashAttention-2)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _bwd_probs(s2, dp, lse2, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
+               NQ, NK, dropout_p, seed, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr):
+    """From raw log2 scores s2 and dP = dO.V^T of one tile, return (P with dropout applied, dS).
+
+    Orientation-free: qi/kj, lse2 and delta come shaped to broadcast against the tile, so the
+    dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
+    """
+    s2 = _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                        WINDOW, MASK_KIND)
+    p = tl.exp2(s2 - lse2)
+    p_drop = p
+    if DROPOUT:
+        keep = _keep(seed, bh, qi, kj, NQ, NK, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    ds = p * (dp - delta)
+    return p_drop, ds
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, bh, offs_m, NQ):
+    """LSE in the log2 domain (fully masked rows -> 0, their scores are all -inf) and delta."""
+    ok = offs_m < NQ
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                     smb, smh, smm, smn,
+                     H, HKV, GROUP, NQ, NK, D, qk_scale2, sm_scale, win_left, win_right, dropout_p, seed,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    n_ok = offs_n[:, None] < NK
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=n_ok & d_ok, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=n_ok & d_ok, other=0.0)
+
+    nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
+    lo = 0
+    hi = NQ
+    if WINDOW:  # queries that can see this key block: j - (i + shift) in [-left, right]
+        lo = tl.maximum(pid_n * BLOCK_N - shift - win_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        hi = tl.minimum(hi, pid_n * BLOCK_N + BLOCK_N - shift + win_left)
+    if pid_n * BLOCK_N >= nk:
+        hi = lo  # keys past this sequence's length get zero gradient
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        mask_base = MASK + b * smb + h * smh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = (offs_m[:, None] < NQ) & d_ok
+            q_t = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                          mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                         mask=m_ok, other=0.0)
+            lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ)
+            s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale2                  # [N, M]
+            dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
+            p_t, ds_t = _bwd_probs(s2_t, dp_t, lse2[None, :], delta[None, :], offs_m[None, :], offs_n[:, None],
+                                   bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                                   dropout_p, seed, WINDOW, MASK_KIND, DROPOUT)
+            dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
+            dk += _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             _cast(dk, DK.dtype.element_ty), mask=n_ok & d_ok)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             _cast(dv, DV.dtype.element_ty), mask=n_ok & d_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+                   H, GROUP, NQ, NK, D, qk_scale2, sm_scale, win_left, win_right, dropout_p, seed,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block of one head: dQ = sum over key blocks of dS . K."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    m_ok = (offs_m[:, None] < NQ) & d_ok
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                 mask=m_ok, other=0.0)
+    lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
+    lo = 0
+    hi = nk
+    if WINDOW:
+        lo = tl.maximum(pid_m * BLOCK_M + shift - win_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + shift + win_right)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < NK
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale2
+        dp = _dot(do, tl.trans(v), DOT_PRECISION)
+        _, ds = _bwd_probs(s2, dp, lse2[:, None], delta[:, None], offs_m[:, None], offs_n[None, :], bh, nk,
+                           shift, win_left, win_right, mask_base, smm, smn, NQ, NK, dropout_p, seed,
+                           WINDOW, MASK_KIND, DROPOUT)
+        dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             _cast(dq, DQ.dtype.element_ty), mask=m_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, dropout_p, H, NQ, NK,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write the keep-mask (uint8) the attention kernels use for (seed, shape)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p)
+    ptrs = OUT + (bh.to(tl.int64) * NQ + offs_m[:, None]) * NK + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))

@@ -1,0 +1,207 @@
+"""The bundled Triton kernel against the float64 oracle, feature by feature, forward and backward.
+
+Every case must pass both error bounds of flashverify.bounds (a priori and reference
+ratio, per tensor); the pass/fail rule is bounds.judge, the same one the CLI uses.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from flashverify.case import Case
+from flashverify.evaluate import bundled_keep_mask, evaluate, run_bundled
+from flashverify import philox
+from flashverify.kernels import attention, dropout_mask
+from flashverify.kernels import triton_kernels as tk
+
+FEATURE_CASES = {
+    "plain-fp16": Case(seqlen_q=37, seqlen_k=45, head_dim=40),
+    "plain-bf16": Case(seqlen_q=37, seqlen_k=45, head_dim=40, dtype="bfloat16"),
+    "plain-fp32": Case(seqlen_q=37, seqlen_k=45, head_dim=40, dtype="float32"),
+    "n1": Case(seqlen_q=1, seqlen_k=1, head_dim=16),
+    "nq1": Case(seqlen_q=1, seqlen_k=77, head_dim=32, causal=True, causal_alignment="bottom_right"),
+    "d80": Case(seqlen_q=33, seqlen_k=33, head_dim=80),
+    "d96-bf16": Case(seqlen_q=33, seqlen_k=40, head_dim=96, dtype="bfloat16"),
+    "d8": Case(seqlen_q=20, seqlen_k=20, head_dim=8),
+    "d256": Case(seqlen_q=20, seqlen_k=35, head_dim=256),
+    "causal-topleft-nq>nk": Case(seqlen_q=70, seqlen_k=33, causal=True),
+    "causal-topleft-nq<nk": Case(seqlen_q=33, seqlen_k=70, causal=True),
+    "causal-bottomright-nq<nk": Case(seqlen_q=33, seqlen_k=70, causal=True, causal_alignment="bottom_right"),
+    "causal-bottomright-nq>nk": Case(seqlen_q=70, seqlen_k=33, causal=True, causal_alignment="bottom_right",
+                                     dtype="bfloat16"),
+    "window": Case(seqlen_q=50, seqlen_k=50, window=(5, 3)),
+    "window-left-only-causal": Case(seqlen_q=50, seqlen_k=70, window=(7, None), causal=True,
+                                    causal_alignment="bottom_right"),
+    "window-right-only": Case(seqlen_q=50, seqlen_k=40, window=(None, 2)),
+    "key-lengths": Case(batch=3, seqlen_q=40, seqlen_k=50, key_lengths=(0, 17, 50)),
+    "key-lengths-bottomright": Case(batch=2, seqlen_q=10, seqlen_k=50, key_lengths=(13, 40), causal=True,
+                                    causal_alignment="bottom_right"),
+    "bool-mask": Case(seqlen_q=40, seqlen_k=50, mask="bool"),
+    "bool-mask-broadcast": Case(batch=2, seqlen_q=40, seqlen_k=50, mask="bool", mask_broadcast=True),
+    "additive-mask": Case(seqlen_q=40, seqlen_k=50, mask="additive", dtype="float32"),
+    "gqa": Case(heads_q=6, heads_kv=2, seqlen_q=40, seqlen_k=36, causal=True),
+    "mqa": Case(heads_q=4, heads_kv=1, seqlen_q=40, seqlen_k=36, dtype="bfloat16"),
+    "dropout-fp16": Case(seqlen_q=40, seqlen_k=50, dropout_p=0.3, seed=11),
+    "dropout-fp32-gqa-causal": Case(heads_q=4, heads_kv=2, seqlen_q=40, seqlen_k=50, dropout_p=0.5, seed=3,
+                                    causal=True, dtype="float32"),
+    "scale": Case(seqlen_q=40, seqlen_k=40, scale=0.37),
+    "bnhd-layout": Case(seqlen_q=33, seqlen_k=20, layout="bnhd"),
+    "large-logits": Case(seqlen_q=40, seqlen_k=50, distribution="large_logits"),
+    "outliers": Case(seqlen_q=40, seqlen_k=50, distribution="outliers", dtype="bfloat16"),
+}
+
+
+def assert_passes(checks):
+    failures = [reason for c in checks for reason in c.failures]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
+def test_matches_float64_oracle(case, device):
+    inputs = case.inputs(device)
+    out = run_bundled(case, inputs)
+    assert_passes(evaluate(case, inputs, out, keep=bundled_keep_mask(case, device)))
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
+def test_edge_tiles(blocks, device):
+    """Lengths that are not multiples of either block, with masking crossing tile borders."""
+    case = Case(seqlen_q=41, seqlen_k=23, causal=True, causal_alignment="bottom_right", window=(9, None))
+    inputs = case.inputs(device)
+    out = run_bundled(case, inputs, blocks=blocks)
+    assert_passes(evaluate(case, inputs, out))
+
+
+def test_tf32_is_opt_in(device):
+    """float32 dots are IEEE by default; asking for tf32 is judged against tf32's unit roundoff."""
+    case = Case(seqlen_q=40, seqlen_k=40, dtype="float32")
+    inputs = case.inputs(device)
+    ieee = run_bundled(case, inputs)
+    assert_passes(evaluate(case, inputs, ieee))
+    tf32 = run_bundled(case, inputs, allow_tf32=True)
+    assert_passes(evaluate(case, inputs, tf32, tf32=True))
+
+
+def test_fully_masked_rows_are_zero_not_nan(device):
+    """Rows with no allowed key: O = 0, LSE = -inf, zero gradients, and no NaN anywhere."""
+    case = Case(batch=2, seqlen_q=40, seqlen_k=30, key_lengths=(0, 30), mask="bool")
+    inputs = case.inputs(device)
+    mask = inputs.attn_mask.clone()
+    mask[1, :, 5:9, :] = False  # a few fully masked rows in the second batch entry too
+    inputs = type(inputs)(**{**inputs.__dict__, "attn_mask": mask})
+    out = run_bundled(case, inputs)
+    for t in (out.o, out.dq, out.dk, out.dv):
+        assert not torch.isnan(t).any()
+    assert (out.o[0] == 0).all() and torch.isneginf(out.lse[0]).all()
+    assert (out.o[1, :, 5:9] == 0).all() and torch.isneginf(out.lse[1, :, 5:9]).all()
+    assert (out.dq[0] == 0).all() and (out.dk[0] == 0).all() and (out.dv[0] == 0).all()
+    assert (out.dq[1, :, 5:9] == 0).all()
+    assert_passes(evaluate(case, inputs, out))
+
+
+def test_bf16_outputs_round_to_nearest(device):
+    """With one key and dropout, O = V / (1 - p) in float32 and dV = sum_i bf16(1 / (1 - p)) dO_i
+    (P is rounded to bf16 before the product): the only rounding left is the store to bf16,
+    which must be round-to-nearest (Triton's interpreter truncates unless told otherwise)."""
+    case = Case(heads_q=4, heads_kv=4, seqlen_q=64, seqlen_k=1, head_dim=64, dtype="bfloat16", dropout_p=0.3, seed=9)
+    x = case.inputs(device)
+    out = run_bundled(case, x)
+    keep = bundled_keep_mask(case, device).to(torch.float64)  # (B, H, Nq, 1)
+    expected_o = (keep * x.v.double() / 0.7).to(torch.bfloat16)
+    p_rounded = torch.tensor(1 / 0.7).to(torch.bfloat16).double()
+    expected_dv = (keep * x.do.double() * p_rounded).sum(2, keepdim=True).to(torch.bfloat16)
+    assert 0 < keep.mean() < 1
+    assert torch.equal(out.o, expected_o)
+    # dV sums 64 products in float32 before its one rounding: allow float32's own double rounding
+    assert (out.dv != expected_dv).float().mean() < 0.02
+
+
+def _grads(q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = attention(q, k, v, **kw)
+    o.backward(do)
+    return o, q.grad, k.grad, v.grad
+
+
+def test_deterministic_bitwise(device):
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=50, seqlen_k=45, causal=True)
+    x = case.inputs(device)
+    kw = dict(causal=True, dropout_p=0.25, seed=1234)
+    first = _grads(x.q, x.k, x.v, x.do, **kw)
+    second = _grads(x.q, x.k, x.v, x.do, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dropout_seeds(device):
+    x = Case(seqlen_q=40, seqlen_k=40).inputs(device)
+    a = attention(x.q, x.k, x.v, dropout_p=0.3, seed=1)
+    b = attention(x.q, x.k, x.v, dropout_p=0.3, seed=2)
+    assert not torch.equal(a, b)
+    m1, m2 = (dropout_mask(s, (1, 2, 40, 40), 0.3, device=device) for s in (1, 2))
+    assert not torch.equal(m1, m2)
+    assert torch.equal(m1, dropout_mask(1, (1, 2, 40, 40), 0.3, device=device))
+    # keep rate: 3200 Bernoulli(0.7) draws; 5 standard deviations is ~0.04
+    assert abs(m1.float().mean().item() - 0.7) < 5 * math.sqrt(0.7 * 0.3 / m1.numel())
+
+
+def test_dropout_mask_matches_reference_philox(device):
+    """The materialized keep-mask equals an independent numpy Philox of the documented offsets."""
+    B, H, nq, nk = 2, 3, 17, 29
+    mask = dropout_mask(12345, (B, H, nq, nk), 0.3, device=device).cpu().numpy()
+    idx = np.meshgrid(*(np.arange(n) for n in (B, H, nq, nk)), indexing="ij")
+    assert (mask == philox.keep(12345, 0.3, *idx, H, nq, nk)).all()
+
+
+@triton.jit
+def _probe_keep(OUT, seed, p, bh, row0, NQ, NK, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    keep = tk._keep(seed, bh, (row0 + offs)[:, None], offs[None, :], NQ, NK, p)
+    tl.store(OUT + offs[:, None] * BLOCK + offs[None, :], keep.to(tl.uint8))
+
+
+def test_dropout_offsets_are_64_bit(device):
+    """At Nq = Nk = 2**17 the offsets of head 3 pass 2**35: the kernel's keep decision there must
+    equal the reference's (32-bit offsets would wrap onto head 0's and repeat its mask)."""
+    n, bh, row0, block = 2**17, 3, 2**17 - 16, 16
+    out = torch.empty((block, block), dtype=torch.uint8, device=device)
+    _probe_keep[(1,)](out, 99, 0.5, bh, row0, n, n, BLOCK=block)
+    i, j = np.meshgrid(np.arange(block) + row0, np.arange(block), indexing="ij")
+    expected = philox.keep(99, 0.5, 0, bh, i, j, heads=1, seqlen_q=n, seqlen_k=n)
+    assert (out.cpu().numpy().astype(bool) == expected).all()
+    wrapped = philox.uniform(99, ((bh * n + i) * n + j) % 2**32) >= np.float32(0.5)
+    assert (expected != wrapped).any()  # the check can tell 64-bit from wrapped offsets
+
+
+def test_inputs_not_mutated(device):
+    x = Case(seqlen_q=30, seqlen_k=30, mask="additive").inputs(device)
+    copies = [t.clone() for t in (x.q, x.k, x.v, x.do, x.attn_mask)]
+    _grads(x.q, x.k, x.v, x.do, attn_mask=x.attn_mask)
+    for before, after in zip(copies, (x.q, x.k, x.v, x.do, x.attn_mask)):
+        assert torch.equal(before, after)
+
+
+def test_noncontiguous_and_broadcast_grad(device):
+    """Transposed (B, N, H, D) views, a last-dim-strided input, and an expanded (stride-0) dO."""
+    case = Case(seqlen_q=20, seqlen_k=24, head_dim=32, layout="bnhd", dtype="float32")
+    x = case.inputs(device)
+    q_strided = torch.stack([x.q, x.q], dim=-1)[..., 0]  # stride(-1) == 2
+    assert q_strided.stride(-1) == 2
+    o = attention(q_strided, x.k, x.v)
+    assert torch.equal(o, attention(x.q.contiguous(), x.k.contiguous(), x.v.contiguous()))
+    q = x.q.detach().clone().requires_grad_()
+    attention(q, x.k, x.v).sum().backward()  # dO is an expanded scalar: all strides 0
+    from flashverify import oracles
+    g = oracles.backward(x.q, x.k, x.v, torch.ones(q.shape, dtype=torch.float64, device=device))
+    assert torch.allclose(q.grad.double(), g.dq, rtol=0, atol=1e-5)
+
+
+def test_output_shapes_and_dtypes(device):
+    x = Case(heads_q=4, heads_kv=2, seqlen_q=9, seqlen_k=13, head_dim=24, dtype="bfloat16").inputs(device)
+    o, lse = attention(x.q, x.k, x.v, return_lse=True)
+    assert o.shape == x.q.shape and o.dtype == torch.bfloat16 and o.device == x.q.device
+    assert lse.shape == (1, 4, 9) and lse.dtype == torch.float32

@@ -1,0 +1,122 @@
+"""Hold one implementation's outputs for a :class:`Case` against the oracles and bounds."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from . import oracles
+from .bounds import REFERENCE_RATIO, Check, Precision, backward_bounds, bound_ratio, forward_bounds
+from .case import Case, Inputs
+from .metrics import tensor_error
+from .naive import naive_attention
+
+
+@dataclass
+class Outputs:
+    """What an implementation returned; None where it does not provide the tensor."""
+    o: torch.Tensor
+    lse: torch.Tensor | None = None
+    dq: torch.Tensor | None = None
+    dk: torch.Tensor | None = None
+    dv: torch.Tensor | None = None
+
+
+def run_bundled(case: Case, inputs: Inputs, backward: bool = True, **kernel_options) -> Outputs:
+    """Run flashverify's own Triton kernel on the case's inputs."""
+    from flashverify.kernels import attention
+
+    q, k, v = (t.detach().clone().requires_grad_(backward) for t in (inputs.q, inputs.k, inputs.v))
+    o, lse = attention(q, k, v, causal=case.causal, causal_alignment=case.causal_alignment,
+                       window=case.window, key_lengths=inputs.key_lengths, attn_mask=inputs.attn_mask,
+                       scale=case.scale, dropout_p=case.dropout_p, seed=case.seed, return_lse=True,
+                       **kernel_options)
+    if not backward:
+        return Outputs(o=o.detach(), lse=lse)
+    o.backward(inputs.do)
+    return Outputs(o=o.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+def bundled_keep_mask(case: Case, device="cpu"):
+    """The bundled kernel's dropout keep-mask for the case (None without dropout)."""
+    if case.dropout_p == 0:
+        return None
+    from flashverify.kernels import dropout_mask
+
+    shape = (case.batch, case.heads_q, case.seqlen_q, case.seqlen_k)
+    return dropout_mask(case.seed, shape, case.dropout_p, device=device)
+
+
+@contextlib.contextmanager
+def _cuda_tf32(enabled: bool):
+    """Let torch's float32 matmuls use tf32 exactly when the kernel under test did."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _naive_errors(case, inputs, masking, keep, fwd, grads, want_grads, tf32):
+    """Relative Frobenius errors of the naive attention in the same low precision, per tensor."""
+    q, k, v = (t.detach().clone().requires_grad_(want_grads) for t in (inputs.q, inputs.k, inputs.v))
+    with _cuda_tf32(tf32):
+        o = naive_attention(q, k, v, masking, case.softmax_scale, keep, case.dropout_p)
+        if want_grads:
+            o.backward(inputs.do)
+    out = {"o": tensor_error(o, fwd.o).rel_fro}
+    if want_grads:
+        for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            out[name] = tensor_error(t, getattr(grads, name)).rel_fro
+    return out
+
+
+def _rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Relative error of rounding the exact answer to the output dtype: no kernel does better."""
+    return tensor_error(ref.to(dtype), ref).rel_fro
+
+
+def evaluate(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None = None,
+             tf32: bool = False) -> list[Check]:
+    """One :class:`Check` per tensor the implementation returned.
+
+    `keep` is the dropout keep-mask the implementation used (required when dropout_p > 0).
+    """
+    if case.dropout_p > 0 and keep is None:
+        raise ValueError("keep must be the implementation's dropout keep-mask when case.dropout_p > 0")
+    masking = case.masking(inputs)
+    scale = case.softmax_scale
+    fwd = oracles.forward(inputs.q, inputs.k, inputs.v, masking, scale, keep, case.dropout_p)
+    want_grads = out.dq is not None
+    grads = (oracles.backward(inputs.q, inputs.k, inputs.v, inputs.do, masking, scale, keep, case.dropout_p, fwd)
+             if want_grads else None)
+    precision = Precision(case.dtype, tf32=tf32)
+    o_b, lse_b, es = forward_bounds(inputs.q, inputs.k, inputs.v, fwd, masking, scale, keep, case.dropout_p,
+                                    precision)
+    naive = _naive_errors(case, inputs, masking, keep, fwd, grads, want_grads, tf32)
+    dt = case.torch_dtype
+    checks = [_check("o", out.o, fwd.o, o_b, dt, naive)]
+    if out.lse is not None:
+        checks.append(_check("lse", out.lse, fwd.lse, lse_b, torch.float32, None))
+    if want_grads:
+        bounds = backward_bounds(inputs.q, inputs.k, inputs.v, inputs.do, fwd, grads, masking, scale, keep,
+                                 case.dropout_p, precision, o_b, lse_b, es)
+        for name, b in zip(("dq", "dk", "dv"), bounds):
+            checks.append(_check(name, getattr(out, name), getattr(grads, name), b, dt, naive))
+    return checks
+
+
+def _check(name, x, ref, bound, dtype, naive):
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)}")
+    reference = None
+    # A relative error is undefined where the exact answer is 0 (e.g. dQ with a single key):
+    # there only the a-priori bound judges.
+    exact_zero = not bool(ref[torch.isfinite(ref)].any())
+    if naive is not None and not exact_zero:
+        reference = max(naive[name], _rounding_floor(ref, dtype))
+    return Check(tensor=name, error=tensor_error(x, ref, dtype), bound_ratio=bound_ratio(x, ref, bound),
+                 reference_error=reference, reference_limit=REFERENCE_RATIO[name] if reference is not None else None)
