@@ -37,7 +37,7 @@ UNIT_ROUNDOFF = {
 }
 # Largest absolute error of rounding a number in [0, 1] into the format's subnormal range
 # (half the smallest subnormal): P and dS can be that small, where relative bounds fail.
-SUBNORMAL_HALF_STEP = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150}
+SUBNORMAL_HALF_STEP = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150, "float64": 2.0**-1075}
 # Hardware exp2 (MUFU.EX2 on NVIDIA GPUs) is accurate to about 2 ulp of float32.
 EXP2_RELATIVE_ERROR = 4 * UNIT_ROUNDOFF["float32"]
 
@@ -63,22 +63,36 @@ def gamma(n: int, u: float) -> float:
 
 @dataclass(frozen=True)
 class Precision:
-    """What the kernel rounds to: inputs/P/dS/outputs in `low`, accumulation in float32."""
-    low: str                 # "float16" | "bfloat16" | "float32"
-    tf32: bool = False       # float32 dots with tf32 operands
+    """What the kernel rounds to: inputs/P/dS/outputs in `low`, sums and softmax in `accumulate`.
+
+    The float64 oracle itself is ``Precision("float64", accumulate="float64")``: the same
+    model then bounds its residual against the mpmath oracle.
+    """
+    low: str                     # "float16" | "bfloat16" | "float32" | "float64"
+    tf32: bool = False           # float32 dots with tf32 operands
+    accumulate: str = "float32"
 
     @property
     def u_low(self) -> float:
         return UNIT_ROUNDOFF[self.low]
 
+    @property
+    def u_acc(self) -> float:
+        return UNIT_ROUNDOFF[self.accumulate]
+
+    @property
+    def exp_error(self) -> float:
+        """Relative error of exp: hardware exp2 in float32, libm (~1 ulp) in float64."""
+        return EXP2_RELATIVE_ERROR if self.accumulate == "float32" else 2 * self.u_acc
+
     def dot_gamma(self, n: int) -> float:
-        """Relative error bound of an n-term dot product of `low` operands, float32 accumulation."""
-        ua = UNIT_ROUNDOFF["float32"]
-        if self.low == "float32":
-            if self.tf32:
-                return 2 * UNIT_ROUNDOFF["tf32"] + gamma(n, ua)
-            return gamma(n + 1, ua)  # each product rounds once
-        return gamma(n, ua)  # fp16/bf16 products are exact in float32
+        """Relative error bound of an n-term dot product of `low` operands."""
+        ua = self.u_acc
+        if self.low == "float32" and self.tf32:
+            return 2 * UNIT_ROUNDOFF["tf32"] + gamma(n, ua)
+        if UNIT_ROUNDOFF[self.low] ** 2 >= 2 * ua:  # fp16/bf16 products are exact in float32
+            return gamma(n, ua)
+        return gamma(n + 1, ua)  # each product rounds once
 
 
 def _abs(t):
@@ -92,7 +106,7 @@ def forward_bounds(q, k, v, fwd, masking, scale, keep, dropout_p, precision: Pre
     nk = k.shape[2]
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
-    ua, up = UNIT_ROUNDOFF["float32"], precision.u_low
+    ua, up = precision.u_acc, precision.u_low
     allowed, bias = masking.allowed_and_bias(B, H, nq, nk, q.device)
     s_abs = (q @ k.transpose(-1, -2)).abs() * scale
     ds = precision.dot_gamma(D) * ((_abs(q) @ _abs(k).transpose(-1, -2)) * scale) + 3 * ua * s_abs
@@ -101,7 +115,7 @@ def forward_bounds(q, k, v, fwd, masking, scale, keep, dropout_p, precision: Pre
     es = torch.where(allowed, ds, 0.0).amax(-1, keepdim=True)  # worst score error of each row
     z = keep.to(torch.float64) / (1 - dropout_p) if (keep is not None and dropout_p > 0) else 1.0
     pv = (fwd.p * z) @ _abs(v)
-    rel = 2 * es + 2 * EXP2_RELATIVE_ERROR + up + 3 * gamma(nk, ua) + 3 * ua
+    rel = 2 * es + 2 * precision.exp_error + up + 3 * gamma(nk, ua) + 3 * ua
     # P is rounded unnormalised (in [0, 1]) and divided by l = sum exp(s - max s) >= 1
     l_row = torch.exp(fwd.lse - torch.where(allowed, (q @ k.transpose(-1, -2)) * scale
                                             + (bias if bias is not None else 0.0), -torch.inf).amax(-1))
@@ -109,7 +123,7 @@ def forward_bounds(q, k, v, fwd, masking, scale, keep, dropout_p, precision: Pre
     eta = SUBNORMAL_HALF_STEP.get(precision.low, 0.0)
     subnormal = eta * ((allowed.to(torch.float64) * z) @ _abs(v)) / l_row
     o_bound = rel * pv + subnormal + up * fwd.o.abs() + eta  # final rounding, subnormals included
-    lse_bound = (es.squeeze(-1) + EXP2_RELATIVE_ERROR + gamma(nk, ua)
+    lse_bound = (es.squeeze(-1) + precision.exp_error + gamma(nk, ua)
                  + 2 * ua * (fwd.lse.abs().nan_to_num(posinf=0.0, neginf=0.0) + 1))
     empty = torch.isneginf(fwd.lse)
     return o_bound.masked_fill(empty.unsqueeze(-1), 0.0), lse_bound.masked_fill(empty, 0.0), es
@@ -125,12 +139,12 @@ def backward_bounds(q, k, v, do, fwd, grads, masking, scale, keep, dropout_p, pr
     group = H // hkv
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    ua, up = UNIT_ROUNDOFF["float32"], precision.u_low
+    ua, up = precision.u_acc, precision.u_low
     eta = SUBNORMAL_HALF_STEP.get(precision.low, 0.0)
     z = keep.to(torch.float64) / (1 - dropout_p) if (keep is not None and dropout_p > 0) else torch.ones(())
     allowed = fwd.p > 0
     p = fwd.p
-    pi = es + lse_bound.unsqueeze(-1) + EXP2_RELATIVE_ERROR  # relative error of recomputed P
+    pi = es + lse_bound.unsqueeze(-1) + precision.exp_error  # relative error of recomputed P
     # dV = (P Z)^T dO, P rounded to `low`
     dv_b = ((pi + up + gamma(nq * group, ua) + 2 * ua) * (p * z)).transpose(-1, -2) @ do.abs()
     dv_b = dv_b + eta * (allowed.to(torch.float64) * z).transpose(-1, -2) @ do.abs()
