@@ -74,7 +74,13 @@ class _Problem:
     dropout_p: float
     seed: int
     dot_precision: str
+    precise_exp: bool  # float32 inputs: correctly rounded exp2 (see triton_kernels._exp2)
     config: LaunchConfig
+
+    @property
+    def score_scale(self) -> float:
+        """Multiplier from q.k to the kernels' score units (log2 domain unless precise_exp)."""
+        return self.scale if self.precise_exp else self.scale * LOG2E
 
 
 def _check_tensor(name, t):
@@ -215,6 +221,7 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
         key_lengths=_check_key_lengths(key_lengths, B, nk, q.device),
         mask=mask, mask_kind=mask_kind, dropout_p=float(dropout_p), seed=seed,
         dot_precision="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
+        precise_exp=q.dtype == torch.float32 and not allow_tf32,
         config=config)
 
 
@@ -228,7 +235,8 @@ def _mask_args(pb: _Problem, fallback):
 def _flags(pb: _Problem, D: int):
     return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), WINDOW=pb.window,
                 ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
-                MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision)
+                MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision,
+                PRECISE_EXP=pb.precise_exp)
 
 
 def _forward(q, k, v, pb: _Problem):
@@ -241,7 +249,7 @@ def _forward(q, k, v, pb: _Problem):
     grid = (triton.cdiv(nq, t.block_m), B * H)
     tk._fwd_kernel[grid](
         q, k, v, o, lse, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-        H, H // Hkv, nq, nk, D, pb.scale * LOG2E, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
+        H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         **_flags(pb, D))
     return o, lse
@@ -258,7 +266,7 @@ def _backward(q, k, v, o, lse, do, pb: _Problem):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     mask, keylen, ms = _mask_args(pb, q)
-    common = (H // Hkv, nq, nk, D, pb.scale * LOG2E, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed)
+    common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed)
     t = pb.config.dkdv
     tk._bwd_dkdv_kernel[(triton.cdiv(nk, t.block_n), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, mask, keylen,
@@ -340,10 +348,12 @@ def dropout_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tens
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     B, H, nq, nk = shape
-    out = torch.empty(shape, dtype=torch.uint8, device=device)
+    device = torch.device(device)
+    run_on = torch.device("cuda") if (device.type == "cpu" and not interpreting()) else device
+    out = torch.empty(shape, dtype=torch.uint8, device=run_on)
     grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), B * H)
     tk._dropout_mask_kernel[grid](out, seed, float(dropout_p), H, nq, nk, BLOCK_M=32, BLOCK_N=32)
-    return out.bool()
+    return out.bool().to(device)
 
 
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

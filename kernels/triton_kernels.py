@@ -6,8 +6,10 @@ strides, so transposed views need no copy.
 
 Conventions shared by every kernel:
 
-* scores live in the log2 domain: ``s2 = (q . k) * scale * log2(e)`` so that
-  ``exp2`` can be used; the saved LSE is the natural-log one.
+* scores live in *score units*: for fp16/bf16 the log2 domain, ``s = (q . k) * scale * log2(e)``,
+  so the fast ``exp2`` can be used; for float32 inputs (PRECISE_EXP) natural units with a
+  correctly rounded ``exp``, since folding log2(e) into the scale shifts every score by the
+  same relative rounding and doubled float32 errors. The saved LSE is always natural-log.
 * a score is *allowed* when the key is inside the sequence's key length, inside
   the causal/sliding window, and not removed by a boolean mask. Disallowed
   scores are ``-inf``; a query row with no allowed key gets O = 0, LSE = -inf
@@ -23,6 +25,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -32,7 +35,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # casts truncate (round toward zero) where GPUs round to nearest even. Upcasting dot
 # operands is exact (a GPU bf16 dot forms exact products accumulated in float32), and
 # _cast rounds to nearest even by hand, so the interpreter computes what the GPU does.
-INTERPRETER_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
@@ -40,24 +43,55 @@ MASK_ADD = tl.constexpr(2)
 
 
 @triton.jit
+def _round_to_tf32(x):
+    """Round float32 to tf32 (10-bit mantissa), to nearest, ties away - as cuBLAS does. The MMA
+    unit itself drops the low 13 bits (truncation), which measured ~3x cuBLAS's tf32 error."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b with float32 accumulation."""
-    if INTERPRETER_BF16_FIX:
+    if INTERPRETING:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+    elif DOT_PRECISION == "tf32":
+        a = _round_to_tf32(a)
+        b = _round_to_tf32(b)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _cast(x, dtype: tl.constexpr):
     """float32 -> dtype, rounding to nearest even on every backend."""
-    if INTERPRETER_BF16_FIX:
+    if INTERPRETING:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _exp(x, PRECISE: tl.constexpr):
+    """exp in the kernel's score domain (see SCORE_UNITS): base 2 via the GPU's fast ex2.approx
+    for fp16/bf16, base e via libdevice's correctly rounded expf for float32 inputs."""
+    if PRECISE:
+        if INTERPRETING:
+            return tl.exp(x)  # numpy: accurate already (and libdevice does not exist there)
+        return libdevice.exp(x)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _log(x, PRECISE: tl.constexpr):
+    """Natural log; correctly rounded for float32 inputs."""
+    if PRECISE:
+        if not INTERPRETING:
+            return libdevice.log(x)
+    return tl.log(x)
 
 
 @triton.jit
@@ -72,7 +106,7 @@ def _keep(seed, bh, qi, kj, NQ, NK, dropout_p):
 
 @triton.jit
 def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK,
-                   WINDOW: tl.constexpr, MASK_KIND: tl.constexpr):
+                   WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """Apply every masking rule to log2-domain scores; disallowed -> -inf.
 
     qi, kj: query and key indices shaped to broadcast to s2 ([M, 1] and [1, N], or transposed).
@@ -86,8 +120,11 @@ def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, sm
         keep = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0)
         allowed = allowed & (keep != 0)
     if MASK_KIND == MASK_ADD:
-        bias = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0)
-        s2 = s2 + bias.to(tl.float32) * LOG2E
+        bias = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0).to(tl.float32)
+        if PRECISE_EXP:
+            s2 = s2 + bias
+        else:
+            s2 = s2 + bias * LOG2E
     return tl.where(allowed, s2, float("-inf"))
 
 
@@ -107,10 +144,11 @@ def _key_length_and_shift(keylen_ptr, b, NQ, NK, KEYLEN: tl.constexpr, ALIGN_BOT
 def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod, smb, smh, smm, smn,
-                H, GROUP, NQ, NK, D, qk_scale2, win_left, win_right, dropout_p, seed,
+                H, GROUP, NQ, NK, D, qk_scale, win_left, win_right, dropout_p, seed,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
-                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                PRECISE_EXP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -142,13 +180,13 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
         n_ok = offs_n[:, None] < NK
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale2
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
-                            mask_base, smm, smn, NQ, NK, WINDOW, MASK_KIND)
+                            mask_base, smm, smn, NQ, NK, WINDOW, MASK_KIND, PRECISE_EXP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.exp2(s2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = _exp(s2 - m_safe[:, None], PRECISE_EXP)
+        alpha = _exp(m_i - m_safe, PRECISE_EXP)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), p, 0.0)
@@ -159,7 +197,11 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i * LN2 + tl.log(tl.where(empty, 1.0, l_i)))
+    log_l = _log(tl.where(empty, 1.0, l_i), PRECISE_EXP)
+    if PRECISE_EXP:
+        lse = tl.where(empty, float("-inf"), m_i + log_l)
+    else:
+        lse = tl.where(empty, float("-inf"), m_i * LN2 + log_l)
     row_ok = offs_m < NQ
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              _cast(o, O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
@@ -185,15 +227,16 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 @triton.jit
 def _bwd_probs(s2, dp, lse2, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
-               NQ, NK, dropout_p, seed, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr):
+               NQ, NK, dropout_p, seed, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               PRECISE_EXP: tl.constexpr):
     """From raw log2 scores s2 and dP = dO.V^T of one tile, return (P with dropout applied, dS).
 
     Orientation-free: qi/kj, lse2 and delta come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
     s2 = _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                        WINDOW, MASK_KIND)
-    p = tl.exp2(s2 - lse2)
+                        WINDOW, MASK_KIND, PRECISE_EXP)
+    p = _exp(s2 - lse2, PRECISE_EXP)
     p_drop = p
     if DROPOUT:
         keep = _keep(seed, bh, qi, kj, NQ, NK, dropout_p)
@@ -205,11 +248,13 @@ def _bwd_probs(s2, dp, lse2, delta, qi, kj, bh, nk, shift, win_left, win_right, 
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, bh, offs_m, NQ):
-    """LSE in the log2 domain (fully masked rows -> 0, their scores are all -inf) and delta."""
+def _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP: tl.constexpr):
+    """LSE in score units (fully masked rows -> 0, their scores are all -inf) and delta."""
     ok = offs_m < NQ
     lse = tl.load(LSE + bh * NQ + offs_m, mask=ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    if not PRECISE_EXP:
+        lse = lse * LOG2E
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
     return lse2, delta
 
@@ -219,10 +264,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                      smb, smh, smm, smn,
-                     H, HKV, GROUP, NQ, NK, D, qk_scale2, sm_scale, win_left, win_right, dropout_p, seed,
+                     H, HKV, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
-                     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     PRECISE_EXP: tl.constexpr):
     """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -260,12 +306,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
                           mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
             do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                          mask=m_ok, other=0.0)
-            lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ)
-            s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale2                  # [N, M]
+            lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP)
+            s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
             dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
             p_t, ds_t = _bwd_probs(s2_t, dp_t, lse2[None, :], delta[None, :], offs_m[None, :], offs_n[:, None],
                                    bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                                   dropout_p, seed, WINDOW, MASK_KIND, DROPOUT)
+                                   dropout_p, seed, WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
             dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
             dk += _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), DOT_PRECISION)
 
@@ -280,10 +326,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
-                   H, GROUP, NQ, NK, D, qk_scale2, sm_scale, win_left, win_right, dropout_p, seed,
+                   H, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
-                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   PRECISE_EXP: tl.constexpr):
     """One query block of one head: dQ = sum over key blocks of dS . K."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -297,7 +344,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=m_ok, other=0.0)
-    lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ)
+    lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -316,11 +363,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
         n_ok = offs_n[:, None] < NK
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale2
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
         _, ds = _bwd_probs(s2, dp, lse2[:, None], delta[:, None], offs_m[:, None], offs_n[None, :], bh, nk,
                            shift, win_left, win_right, mask_base, smm, smn, NQ, NK, dropout_p, seed,
-                           WINDOW, MASK_KIND, DROPOUT)
+                           WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
         dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
 
     dq = dq * sm_scale
