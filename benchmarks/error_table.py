@@ -9,7 +9,8 @@ import time
 import torch
 
 from flashverify.case import Case
-from flashverify.evaluate import evaluate, run_bundled
+from flashverify.evaluate import evaluate
+from flashverify.impls import BUNDLED
 
 
 def main(sizes):
@@ -23,7 +24,7 @@ def main(sizes):
             case = Case(heads_q=1, heads_kv=1, seqlen_q=n, seqlen_k=n, head_dim=64, dtype=dtype)
             t = time.time()
             x = case.inputs(device)
-            checks = {c.tensor: c for c in evaluate(case, x, run_bundled(case, x))}
+            checks = {c.tensor: c for c in evaluate(case, x, BUNDLED.run(case, x))}
             cells = []
             for name in ("o", "dq"):
                 c = checks[name]

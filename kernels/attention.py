@@ -244,38 +244,40 @@ def _forward(q, k, v, pb: _Problem):
     Hkv, nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
+    stats = torch.empty((2, B, H, nq), device=q.device, dtype=torch.float32)  # row max, log l
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (triton.cdiv(nq, t.block_m), B * H)
     tk._fwd_kernel[grid](
-        q, k, v, o, lse, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-        H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
+        q, k, v, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed, B * H * nq,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         **_flags(pb, D))
-    return o, lse
+    return o, lse, stats
 
 
-def _backward(q, k, v, o, lse, do, pb: _Problem):
+def _backward(q, k, v, o, stats, do, pb: _Problem):
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     flags = _flags(pb, D)
-    delta = torch.empty_like(lse)
+    delta = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
     tk._bwd_delta_kernel[(triton.cdiv(nq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     mask, keylen, ms = _mask_args(pb, q)
-    common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed)
+    common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
+              B * H * nq)
     t = pb.config.dkdv
     tk._bwd_dkdv_kernel[(triton.cdiv(nk, t.block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, mask, keylen,
+        q, k, v, do, stats, delta, dk, dv, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         num_warps=t.num_warps, num_stages=t.num_stages, **flags)
     t = pb.config.dq
     tk._bwd_dq_kernel[(triton.cdiv(nq, t.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, mask, keylen,
+        q, k, v, do, stats, delta, dq, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
         H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         num_warps=t.num_warps, num_stages=t.num_stages, **flags)
@@ -285,16 +287,16 @@ def _backward(q, k, v, o, lse, do, pb: _Problem):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pb):
-        o, lse = _forward(q, k, v, pb)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse, stats = _forward(q, k, v, pb)
+        ctx.save_for_backward(q, k, v, o, stats)
         ctx.pb = pb
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.pb)
+        q, k, v, o, stats = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, stats, do, ctx.pb)
         return dq, dk, dv, None
 
 

@@ -31,10 +31,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Two bfloat16 defects of Triton's interpreter (seen on triton 3.8.0), worked around only
-# there: tl.dot multiplies bf16 operands as their raw uint16 bits, and float32 -> bf16
-# casts truncate (round toward zero) where GPUs round to nearest even. Upcasting dot
-# operands is exact (a GPU bf16 dot forms exact products accumulated in float32), and
-# _cast rounds to nearest even by hand, so the interpreter computes what the GPU does.
+# there: tl.dot multiplies bf16 operands as their raw uint16 bits (see _dot), and float32 ->
+# bf16 casts truncate (round toward zero) where GPUs round to nearest even (see _cast).
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 MASK_NONE = tl.constexpr(0)
@@ -52,12 +50,17 @@ def _round_to_tf32(x):
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation."""
+    """a @ b with float32 accumulation.
+
+    Under the interpreter the product is formed in float64 and rounded once to float32: numpy's
+    float32 matmul sums in an order that depends on operand layout, so the backward's k @ q^T
+    would differ from the forward's q @ k^T by an ulp of |s| (on a GPU both run the same FMA /
+    exact-product MMA chain over D and agree). This also sidesteps the interpreter's bf16 dot
+    defect (it multiplies the raw uint16 bits).
+    """
     if INTERPRETING:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    elif DOT_PRECISION == "tf32":
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+    if DOT_PRECISION == "tf32":
         a = _round_to_tf32(a)
         b = _round_to_tf32(b)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
@@ -141,10 +144,10 @@ def _key_length_and_shift(keylen_ptr, b, NQ, NK, KEYLEN: tl.constexpr, ALIGN_BOT
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
+def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod, smb, smh, smm, smn,
-                H, GROUP, NQ, NK, D, qk_scale, win_left, win_right, dropout_p, seed,
+                H, GROUP, NQ, NK, D, qk_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -197,15 +200,22 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, KEYLEN,
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    log_l = _log(tl.where(empty, 1.0, l_i), PRECISE_EXP)
+    # Row statistics for the backward in score units: the max m and log l separately. P is
+    # recomputed as exp((s - m) - log l): s - m is exact near the max, and log l is small, so
+    # P keeps ~1 ulp. Recomputing from the LSE alone (exp(s - lse)) would cost |lse| ulps.
+    m_store = tl.where(empty, 0.0, m_i)
     if PRECISE_EXP:
-        lse = tl.where(empty, float("-inf"), m_i + log_l)
+        logl = _log(tl.where(empty, 1.0, l_i), PRECISE_EXP)
+        lse = tl.where(empty, float("-inf"), m_i + logl)
     else:
-        lse = tl.where(empty, float("-inf"), m_i * LN2 + log_l)
+        logl = tl.log2(tl.where(empty, 1.0, l_i))
+        lse = tl.where(empty, float("-inf"), (m_i + logl) * LN2)
     row_ok = offs_m < NQ
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              _cast(o, O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
+    tl.store(STATS + bh * NQ + offs_m, m_store, mask=row_ok)
+    tl.store(STATS + STATS_LOGL + bh * NQ + offs_m, logl, mask=row_ok)
 
 
 @triton.jit
@@ -226,17 +236,17 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 
 @triton.jit
-def _bwd_probs(s2, dp, lse2, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
+def _bwd_probs(s2, dp, row_max, row_logl, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
                NQ, NK, dropout_p, seed, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                PRECISE_EXP: tl.constexpr):
     """From raw log2 scores s2 and dP = dO.V^T of one tile, return (P with dropout applied, dS).
 
-    Orientation-free: qi/kj, lse2 and delta come shaped to broadcast against the tile, so the
+    Orientation-free: qi/kj, row_max, row_logl and delta come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
     s2 = _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
                         WINDOW, MASK_KIND, PRECISE_EXP)
-    p = _exp(s2 - lse2, PRECISE_EXP)
+    p = _exp((s2 - row_max) - row_logl, PRECISE_EXP)
     p_drop = p
     if DROPOUT:
         keep = _keep(seed, bh, qi, kj, NQ, NK, dropout_p)
@@ -248,23 +258,22 @@ def _bwd_probs(s2, dp, lse2, delta, qi, kj, bh, nk, shift, win_left, win_right, 
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP: tl.constexpr):
-    """LSE in score units (fully masked rows -> 0, their scores are all -inf) and delta."""
+def _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ):
+    """Row max and log-normaliser (score units; 0 on fully masked rows, whose scores are all
+    -inf) and delta."""
     ok = offs_m < NQ
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=ok, other=0.0)
-    if not PRECISE_EXP:
-        lse = lse * LOG2E
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse)
+    row_max = tl.load(STATS + bh * NQ + offs_m, mask=ok, other=0.0)
+    row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m, mask=ok, other=0.0)
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
-    return lse2, delta
+    return row_max, row_logl, delta
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                      smb, smh, smm, smn,
-                     H, HKV, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed,
+                     H, HKV, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -306,10 +315,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
                           mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
             do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                          mask=m_ok, other=0.0)
-            lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP)
+            row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
             s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
             dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
-            p_t, ds_t = _bwd_probs(s2_t, dp_t, lse2[None, :], delta[None, :], offs_m[None, :], offs_n[:, None],
+            p_t, ds_t = _bwd_probs(s2_t, dp_t, row_max[None, :], row_logl[None, :], delta[None, :], offs_m[None, :], offs_n[:, None],
                                    bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
                                    dropout_p, seed, WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
             dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
@@ -323,10 +332,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KEYLEN,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
+def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
-                   H, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed,
+                   H, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -344,7 +353,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=m_ok, other=0.0)
-    lse2, delta = _load_row_stats(LSE, DELTA, bh, offs_m, NQ, PRECISE_EXP)
+    row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -365,7 +374,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KEYLEN,
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
         s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
-        _, ds = _bwd_probs(s2, dp, lse2[:, None], delta[:, None], offs_m[:, None], offs_n[None, :], bh, nk,
+        _, ds = _bwd_probs(s2, dp, row_max[:, None], row_logl[:, None], delta[:, None], offs_m[:, None], offs_n[None, :], bh, nk,
                            shift, win_left, win_right, mask_base, smm, smn, NQ, NK, dropout_p, seed,
                            WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
         dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from flashverify.case import Case
-from flashverify.evaluate import bundled_keep_mask, evaluate, run_bundled
+from flashverify.evaluate import evaluate
+from flashverify.impls import BUNDLED, Bundled
 from flashverify import philox
 from flashverify.kernels import attention, dropout_mask
 from flashverify.kernels import triton_kernels as tk
@@ -63,8 +64,8 @@ def assert_passes(checks):
 @pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
 def test_matches_float64_oracle(case, device):
     inputs = case.inputs(device)
-    out = run_bundled(case, inputs)
-    assert_passes(evaluate(case, inputs, out, keep=bundled_keep_mask(case, device)))
+    out = BUNDLED.run(case, inputs)
+    assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
@@ -72,7 +73,7 @@ def test_edge_tiles(blocks, device):
     """Lengths that are not multiples of either block, with masking crossing tile borders."""
     case = Case(seqlen_q=41, seqlen_k=23, causal=True, causal_alignment="bottom_right", window=(9, None))
     inputs = case.inputs(device)
-    out = run_bundled(case, inputs, blocks=blocks)
+    out = Bundled(blocks=blocks).run(case, inputs)
     assert_passes(evaluate(case, inputs, out))
 
 
@@ -80,9 +81,9 @@ def test_tf32_is_opt_in(device):
     """float32 dots are IEEE by default; asking for tf32 is judged against tf32's unit roundoff."""
     case = Case(seqlen_q=40, seqlen_k=40, dtype="float32")
     inputs = case.inputs(device)
-    ieee = run_bundled(case, inputs)
+    ieee = BUNDLED.run(case, inputs)
     assert_passes(evaluate(case, inputs, ieee))
-    tf32 = run_bundled(case, inputs, allow_tf32=True)
+    tf32 = Bundled(allow_tf32=True).run(case, inputs)
     assert_passes(evaluate(case, inputs, tf32, tf32=True))
 
 
@@ -93,7 +94,7 @@ def test_fully_masked_rows_are_zero_not_nan(device):
     mask = inputs.attn_mask.clone()
     mask[1, :, 5:9, :] = False  # a few fully masked rows in the second batch entry too
     inputs = type(inputs)(**{**inputs.__dict__, "attn_mask": mask})
-    out = run_bundled(case, inputs)
+    out = BUNDLED.run(case, inputs)
     for t in (out.o, out.dq, out.dk, out.dv):
         assert not torch.isnan(t).any()
     assert (out.o[0] == 0).all() and torch.isneginf(out.lse[0]).all()
@@ -109,8 +110,8 @@ def test_bf16_outputs_round_to_nearest(device):
     which must be round-to-nearest (Triton's interpreter truncates unless told otherwise)."""
     case = Case(heads_q=4, heads_kv=4, seqlen_q=64, seqlen_k=1, head_dim=64, dtype="bfloat16", dropout_p=0.3, seed=9)
     x = case.inputs(device)
-    out = run_bundled(case, x)
-    keep = bundled_keep_mask(case, device).to(torch.float64)  # (B, H, Nq, 1)
+    out = BUNDLED.run(case, x)
+    keep = BUNDLED.keep_mask(case, device).to(torch.float64)  # (B, H, Nq, 1)
     expected_o = (keep * x.v.double() / 0.7).to(torch.bfloat16)
     p_rounded = torch.tensor(1 / 0.7).to(torch.bfloat16).double()
     expected_dv = (keep * x.do.double() * p_rounded).sum(2, keepdim=True).to(torch.bfloat16)

@@ -8,7 +8,7 @@ import torch
 from flashverify import oracles
 from flashverify.bounds import Precision, backward_bounds, forward_bounds
 from flashverify.case import Case
-from flashverify.evaluate import bundled_keep_mask
+from flashverify.impls import BUNDLED
 from flashverify.mp_oracle import MpOracle, sample
 
 CASES = {
@@ -33,7 +33,7 @@ def _delta_cancelling(case):
 
 
 def _f64_and_mp(case, inputs):
-    keep = bundled_keep_mask(case)
+    keep = BUNDLED.keep_mask(case, "cpu")
     m = case.masking(inputs)
     fwd = oracles.forward(inputs.q, inputs.k, inputs.v, m, case.scale, keep, case.dropout_p)
     grads = oracles.backward(inputs.q, inputs.k, inputs.v, inputs.do, m, case.scale, keep, case.dropout_p, fwd)
@@ -77,7 +77,7 @@ def test_float64_agrees_with_mpmath_within_its_bound(name):
 ], ids=["gqa-causal-additive", "window-padding", "dropout-bool"])
 def test_float64_backward_formulas_match_autograd(case):
     x = case.inputs()
-    keep = bundled_keep_mask(case)
+    keep = BUNDLED.keep_mask(case, "cpu")
     m = case.masking(x)
     q, k, v = (t.detach().double().requires_grad_() for t in (x.q, x.k, x.v))
     fwd = oracles.forward(q, k, v, m, case.scale, keep, case.dropout_p)

@@ -46,6 +46,12 @@ EXP2_RELATIVE_ERROR = 4 * UNIT_ROUNDOFF["float32"]
 # we keep those multipliers, applied per tensor.
 FORWARD_REFERENCE_RATIO = 2.0
 BACKWARD_REFERENCE_RATIO = 3.0
+# The naive reference's error is floored at this many unit roundoffs (relative) of the output
+# dtype. In degenerate problems (one key, exactly representable answers) naive attention can be
+# exact by luck, while a flash kernel legitimately pays two roundings the naive path does not:
+# P recomputed in the backward (another summation order of the same scores), and P rounded to
+# the input dtype before P.V. Below this floor only the a-priori bound judges.
+REFERENCE_FLOOR_ROUNDINGS = 2
 REFERENCE_RATIO = {"o": FORWARD_REFERENCE_RATIO, "lse": FORWARD_REFERENCE_RATIO,
                    "dq": BACKWARD_REFERENCE_RATIO, "dk": BACKWARD_REFERENCE_RATIO,
                    "dv": BACKWARD_REFERENCE_RATIO}

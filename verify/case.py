@@ -8,7 +8,7 @@ tensors from its seed on any machine.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -50,7 +50,6 @@ class Case:
     seed: int = 0
     distribution: str = "normal"
     layout: str = "bhnd"               # "bnhd": tensors are transposed views of (B, N, H, D) storage
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -78,9 +77,7 @@ class Case:
         return replace(self, **changes)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
     def __repr__(self):
         default = Case()

@@ -18,7 +18,8 @@ def cmd_verify(args) -> int:
     import torch
 
     import flashverify.kernels as kernels
-    from .evaluate import bundled_keep_mask, evaluate, run_bundled
+    from .evaluate import evaluate
+    from .impls import BUNDLED
     from .profiles import profile
 
     device = args.device
@@ -39,8 +40,8 @@ def cmd_verify(args) -> int:
     start = time.time()
     for label, case in cases.items():
         inputs = case.inputs(device)
-        out = run_bundled(case, inputs)
-        checks = evaluate(case, inputs, out, keep=bundled_keep_mask(case, device))
+        out = BUNDLED.run(case, inputs)
+        checks = evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device))
         by_name = {c.tensor: c for c in checks}
         cells = []
         for t in TENSORS:

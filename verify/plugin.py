@@ -1,0 +1,114 @@
+"""pytest plugin (entry point ``pytest11``): point the property suite at any attention kernel.
+
+    pytest --pyargs flashverify.properties --attn-impl=package.module:callable [--attn-impl=...]
+
+Options live here, not in a conftest, because conftest ``addoption`` only runs for
+initial conftests. Importing this module must stay cheap (no torch): pytest loads it for
+every run in an environment where flashverify is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+PROFILES = ("dev", "ci", "thorough", "release")
+
+
+def _register_profiles():
+    """Our hypothesis profiles, used only by the property suite (global settings stay the user's)."""
+    from hypothesis import HealthCheck, settings
+
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+             HealthCheck.differing_executors]
+    common = dict(deadline=None, suppress_health_check=quiet, print_blob=True)
+    settings.register_profile("flashverify-dev", max_examples=8, **common)
+    settings.register_profile("flashverify-ci", max_examples=8, derandomize=True, database=None, **common)
+    settings.register_profile("flashverify-thorough", max_examples=100, **common)
+    settings.register_profile("flashverify-release", max_examples=300, **common)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("flashverify", "attention kernel verification")
+    group.addoption("--attn-impl", action="append", default=[], metavar="MODULE:CALLABLE",
+                    help="implementation under test: an SDPA-signature callable, an Implementation "
+                         "subclass/instance, or a built-in name (flashverify, naive); repeatable")
+    group.addoption("--attn-device", default=None, help="device for the inputs (default: cuda if available)")
+    group.addoption("--attn-profile", choices=PROFILES, default=None,
+                    help="hypothesis profile of the property suite (default: ci when $CI is set, else dev)")
+    group.addoption("--attn-max-seqlen", type=int, default=None,
+                    help="largest sequence length drawn (default: 96 under Triton's interpreter, 512 on a GPU)")
+    group.addoption("--attn-repro-dir", default=None, help="also save each failure's reproducer here")
+
+
+@dataclass
+class Env:
+    """What the property suite needs to know about this run."""
+    device: str
+    profile: str
+    max_seqlen: int
+    repro_dir: str | None
+
+    @property
+    def settings(self):
+        from hypothesis import settings
+        return settings.get_profile(f"flashverify-{self.profile}")
+
+
+def pytest_configure(config):
+    _register_profiles()
+    for spec in config.getoption("--attn-impl"):
+        if ":" not in spec and spec not in ("flashverify", "naive"):
+            raise pytest.UsageError(f"--attn-impl must be 'package.module:callable' or a built-in name "
+                                    f"(flashverify, naive), got {spec!r}")
+
+
+def pytest_generate_tests(metafunc):
+    if "attn_impl" in metafunc.fixturenames:
+        specs = metafunc.config.getoption("--attn-impl") or ["flashverify"]
+        metafunc.parametrize("attn_impl", specs, indirect=True, ids=specs, scope="session")
+
+
+_loaded: dict = {}
+
+# (implementation spec, property) -> (worst error/bound ratio seen, tensor, case): the
+# targeted search climbs toward these; the run summary reports them.
+WORST: dict = {}
+
+
+def record_worst(spec: str, prop: str, check, case) -> None:
+    ratio = check.bound_ratio
+    key = (spec, prop)
+    if key not in WORST or ratio > WORST[key][0]:
+        WORST[key] = (ratio, check.tensor, case)
+
+
+@pytest.fixture(scope="session")
+def attn_env(request) -> Env:
+    import torch
+
+    import flashverify.kernels as kernels  # switches the interpreter on where there is no GPU
+
+    opt = request.config.getoption
+    device = opt("--attn-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = opt("--attn-profile") or ("ci" if os.environ.get("CI") else "dev")
+    max_seqlen = opt("--attn-max-seqlen") or (96 if kernels.interpreting() else 512)
+    return Env(device=device, profile=profile, max_seqlen=max_seqlen, repro_dir=opt("--attn-repro-dir"))
+
+
+@pytest.fixture(scope="session")
+def attn_impl(request, attn_env):
+    """The implementation under test (loaded once per spec, capabilities probed on the device)."""
+    from flashverify.impls import load
+
+    spec = request.param
+    if spec not in _loaded:
+        try:
+            impl = load(spec, device=attn_env.device)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+        impl.spec = spec
+        _loaded[spec] = impl
+    return _loaded[spec]
