@@ -9,10 +9,10 @@ Two bounds, both reported for every tensor (derivation: docs/error-model.md):
   It is a worst-case bound: measured/bound is usually far below 1.
 * **reference ratio**: the kernel's relative Frobenius error over that of the
   naive attention in the same low precision (see :mod:`flashverify.naive`), the
-  criterion of FlashAttention's test suite. The naive error is floored by the
-  error of merely rounding the float64 answer to the output dtype, which no
-  implementation can beat (without the floor, float32 comparisons would be ratios
-  of two rounding noises).
+  criterion of FlashAttention's test suite. The naive error is floored by what no
+  flash kernel can beat: rounding the float64 answer to the output dtype,
+  REFERENCE_FLOOR_ROUNDINGS unit roundoffs, and (gradients) the exact effect of
+  FlashAttention-2's delta = rowsum(dO o O) being formed from the *rounded* O.
 
 :func:`judge` is the only place that decides pass or fail.
 """
@@ -91,6 +91,13 @@ class Precision:
         """Relative error of exp: hardware exp2 in float32, libm (~1 ulp) in float64."""
         return EXP2_RELATIVE_ERROR if self.accumulate == "float32" else 2 * self.u_acc
 
+    @property
+    def p_floor(self) -> float:
+        """Absolute error of a computed probability near underflow: exp is good to ~2 ulps, and
+        in the subnormal range an ulp is the fixed subnormal step (P ~ 1e-44 in float32 has
+        only a few significant bits)."""
+        return 4 * SUBNORMAL_HALF_STEP[self.accumulate]
+
     def dot_gamma(self, n: int) -> float:
         """Relative error bound of an n-term dot product of `low` operands."""
         ua = self.u_acc
@@ -127,7 +134,7 @@ def forward_bounds(q, k, v, fwd, masking, scale, keep, dropout_p, precision: Pre
                                             + (bias if bias is not None else 0.0), -torch.inf).amax(-1))
     l_row = torch.where(torch.isfinite(l_row), l_row, 1.0).unsqueeze(-1)
     eta = SUBNORMAL_HALF_STEP.get(precision.low, 0.0)
-    subnormal = eta * ((allowed.to(torch.float64) * z) @ _abs(v)) / l_row
+    subnormal = (eta + precision.p_floor) * ((allowed.to(torch.float64) * z) @ _abs(v)) / l_row
     o_bound = rel * pv + subnormal + up * fwd.o.abs() + eta  # final rounding, subnormals included
     lse_bound = (es.squeeze(-1) + precision.exp_error + gamma(nk, ua)
                  + 2 * ua * (fwd.lse.abs().nan_to_num(posinf=0.0, neginf=0.0) + 1))
@@ -153,14 +160,15 @@ def backward_bounds(q, k, v, do, fwd, grads, masking, scale, keep, dropout_p, pr
     pi = es + lse_bound.unsqueeze(-1) + precision.exp_error  # relative error of recomputed P
     # dV = (P Z)^T dO, P rounded to `low`
     dv_b = ((pi + up + gamma(nq * group, ua) + 2 * ua) * (p * z)).transpose(-1, -2) @ do.abs()
-    dv_b = dv_b + eta * (allowed.to(torch.float64) * z).transpose(-1, -2) @ do.abs()
+    dv_b = dv_b + (eta + precision.p_floor) * (allowed.to(torch.float64) * z).transpose(-1, -2) @ do.abs()
     # dS = P (dP - delta); dP = (dO V^T) Z; delta from the *stored* O
     dp = (do @ v.transpose(-1, -2)) * z
     delta = (do * fwd.o).sum(-1, keepdim=True)
     ddp = precision.dot_gamma(D) * (do.abs() @ v.abs().transpose(-1, -2)) * z.abs()
     ddelta = (do.abs() * (o_bound + gamma(D, ua) * fwd.o.abs())).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    dds = p * (pi * (dp - delta).abs() + ddp + ddelta) + up * ds.abs() + eta * allowed
+    dds = (p * (pi * (dp - delta).abs() + ddp + ddelta) + precision.p_floor * (dp - delta).abs() * allowed
+           + up * ds.abs() + eta * allowed)
     dq_b = scale * (dds @ k.abs() + gamma(nk, ua) * (ds.abs() @ k.abs())) + 2 * ua * scale * (ds.abs() @ k.abs())
     dk_b = scale * (dds.transpose(-1, -2) @ q.abs()
                     + (gamma(nq * group, ua) + 2 * ua) * (ds.abs().transpose(-1, -2) @ q.abs()))

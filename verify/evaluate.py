@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,17 @@ def evaluate(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None
     o_b, lse_b, es = forward_bounds(inputs.q, inputs.k, inputs.v, fwd, masking, scale, keep, case.dropout_p,
                                     precision)
     naive = _naive_errors(case, inputs, masking, keep, fwd, grads, want_grads, tf32)
+    if want_grads:
+        # FlashAttention-2's delta = rowsum(dO o O) is formed from the implementation's own stored
+        # O, so its forward error (already judged on O) reaches the gradients through delta:
+        # floor the naive error by exactly that inherited error (float64 backward, delta from out.o).
+        stored_o = out.o.detach().to(device=fwd.o.device, dtype=torch.float64)
+        stored_o = torch.where(torch.isfinite(stored_o), stored_o, fwd.o.to(case.torch_dtype).to(torch.float64))
+        via_rounded_o = oracles.backward(inputs.q, inputs.k, inputs.v, inputs.do, masking, scale, keep,
+                                         case.dropout_p, dataclasses.replace(fwd, o=stored_o))
+        for name in ("dq", "dk", "dv"):
+            delta_floor = tensor_error(getattr(via_rounded_o, name), getattr(grads, name)).rel_fro
+            naive[name] = max(naive[name], delta_floor)
     dt = case.torch_dtype
     checks = [_check("o", out.o, fwd.o, o_b, dt, naive)]
     if out.lse is not None:

@@ -28,6 +28,8 @@ def _register_profiles():
     settings.register_profile("flashverify-ci", max_examples=8, derandomize=True, database=None, **common)
     settings.register_profile("flashverify-thorough", max_examples=100, **common)
     settings.register_profile("flashverify-release", max_examples=300, **common)
+    # for flashverify's own tests that hunt planted bugs: reproducible, and enough examples to find them
+    settings.register_profile("flashverify-hunt", max_examples=60, derandomize=True, database=None, **common)
 
 
 def pytest_addoption(parser):

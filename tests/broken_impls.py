@@ -1,0 +1,167 @@
+"""A blockwise flash attention in plain torch, with switches that plant the bugs real kernels shipped.
+
+`TorchFlash()` with no switch is correct (the property suite must pass it: no false
+failures); each subclass below flips one switch. Used by tests/test_broken.py and
+tests/test_plugin.py (through --attn-impl=broken_impls:NAME).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from flashverify import philox
+from flashverify.impls import Capabilities, Implementation
+
+BLOCK = 16
+
+
+class _Flash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, impl, allowed, bias, keep, p_drop, scale):
+        B, H, nq, D = q.shape
+        nk = k.shape[2]
+        kv_head = (torch.arange(H) % k.shape[1]) if impl.gqa_modulo else (torch.arange(H) // (H // k.shape[1]))
+        k, v = k[:, kv_head].float(), v[:, kv_head].float()
+        qf = q.float()
+        m = torch.full((B, H, nq, 1), -math.inf)
+        l = torch.zeros((B, H, nq, 1))
+        acc = torch.zeros((B, H, nq, D))
+        stop = nk - nk % BLOCK if impl.drop_partial_block else nk
+        z = 1.0 if keep is None else keep.float() * (1 / (1 - p_drop) if impl.dropout_rescale else 1.0)
+        for j in range(0, stop, BLOCK):
+            s = (qf @ k[:, :, j:j + BLOCK].transpose(-1, -2)) * scale
+            if bias is not None:
+                s = s + bias[..., j:j + BLOCK]
+            s = s.masked_fill(~allowed[..., j:j + BLOCK], -math.inf)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True)) if impl.subtract_max else torch.zeros_like(m)
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m - m_safe) if impl.rescale else torch.ones_like(m)
+            l = l * alpha + p.sum(-1, keepdim=True)
+            zj = z if keep is None else z[..., j:j + BLOCK]
+            acc = acc * alpha + (p * zj).to(q.dtype).float() @ v[:, :, j:j + BLOCK]
+            m = m_new
+        o = acc / l if impl.nan_on_empty_rows else acc / torch.where(l == 0, 1.0, l)
+        ctx.save_for_backward(q, k, v, o, allowed, keep)
+        ctx.args = (impl, bias, p_drop, scale, kv_head)
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, allowed, keep = ctx.saved_tensors
+        impl, bias, p_drop, scale, kv_head = ctx.args
+        qf, dof = q.float(), do.float()
+        s = (qf @ k.transpose(-1, -2)) * scale + (0 if bias is None else bias)
+        s = s.masked_fill(~allowed, -math.inf)
+        m = s.amax(-1, keepdim=True)
+        e = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # recomputed from the row max and sum, not
+        p = e / e.sum(-1, keepdim=True).clamp_min(1e-38)         # exp(s - lse): that costs |lse| ulps
+        if keep is not None and impl.backward_seed_offset:
+            keep = impl.other_keep  # regenerates a different mask than the forward used
+        z = 1.0 if keep is None else keep.float() / (1 - p_drop)
+        dv = (p * z).transpose(-1, -2) @ dof
+        dp = (dof @ v.transpose(-1, -2)) * z
+        delta = (dof * o.to(q.dtype).float()).sum(-1, keepdim=True) if impl.use_delta else 0.0
+        ds = p * (dp - delta)
+        dq = scale * ds @ k
+        dk = scale * ds.transpose(-1, -2) @ qf
+        hkv = int(kv_head.max()) + 1
+        dk_f = torch.zeros((q.shape[0], hkv, *dk.shape[2:])).index_add_(1, kv_head, dk)
+        dv_f = torch.zeros((q.shape[0], hkv, *dv.shape[2:])).index_add_(1, kv_head, dv)
+        return dq.to(q.dtype), dk_f.to(q.dtype), dv_f.to(q.dtype), None, None, None, None, None, None
+
+
+class TorchFlash(Implementation):
+    """Correct: online softmax over key blocks of 16, P rounded to the input dtype, explicit backward."""
+    name = "torch-flash"
+    capabilities = Capabilities(lse=False, strided_inputs=True)
+    rescale = True
+    subtract_max = True
+    use_delta = True
+    dropout_rescale = True
+    backward_seed_offset = 0
+    gqa_modulo = False
+    drop_partial_block = False
+    nan_on_empty_rows = False
+    alignment_override = None
+    assume_contiguous = False
+
+    def forward(self, case, inputs, q, k, v):
+        masking_case = case if self.alignment_override is None else case.replace(
+            causal_alignment=self.alignment_override)
+        allowed, bias = masking_case.masking(inputs).allowed_and_bias(
+            case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, q.device)
+        if bias is not None:
+            bias = bias.float()
+        keep = self.keep_mask(case, q.device)
+        if keep is not None and self.backward_seed_offset:
+            self.other_keep = philox_keep(case.replace(seed=(case.seed + self.backward_seed_offset) % 2**31), q.device)
+        if self.assume_contiguous:  # reads the storage as if it were (B, H, N, D) contiguous
+            q, k, v = (t.as_strided(t.shape, t.contiguous().stride()) for t in (q, k, v))
+        return _Flash.apply(q, k, v, self, allowed, bias, keep, case.dropout_p, case.softmax_scale)
+
+    def keep_mask(self, case, device):
+        """The bundled kernel's dropout mask, from the numpy Philox reference (no Triton call)."""
+        return philox_keep(case, device)
+
+
+def philox_keep(case, device):
+    if case.dropout_p == 0:
+        return None
+    idx = np.meshgrid(*(np.arange(n) for n in (case.batch, case.heads_q, case.seqlen_q, case.seqlen_k)),
+                      indexing="ij")
+    keep = philox.keep(case.seed, case.dropout_p, *idx, case.heads_q, case.seqlen_q, case.seqlen_k)
+    return torch.from_numpy(keep).to(device)
+
+
+class DropsPartialBlock(TorchFlash):
+    """Sequence lengths not a multiple of the block: the last partial key block is skipped."""
+    drop_partial_block = True
+
+
+class WrongCausalAlignment(TorchFlash):
+    """Always top-left causal, even when bottom-right is asked for (Nq != Nk)."""
+    alignment_override = "top_left"
+
+
+class NanOnMaskedRows(TorchFlash):
+    """0/0 on rows with no allowed key."""
+    nan_on_empty_rows = True
+
+
+class WrongGqaMapping(TorchFlash):
+    """Query head h reads K/V head h % Hkv instead of h // (Hq / Hkv)."""
+    gqa_modulo = True
+
+
+class AssumesContiguous(TorchFlash):
+    """Ignores strides: a transposed (B, N, H, D) view is read as (B, H, N, D)."""
+    assume_contiguous = True
+
+
+class DropoutMaskDiffersInBackward(TorchFlash):
+    """The backward regenerates the dropout mask from another RNG offset."""
+    backward_seed_offset = 1
+
+
+class NoMaxSubtraction(TorchFlash):
+    """exp(s) without the running max: overflows at large logits."""
+    subtract_max = False
+
+
+class BackwardIgnoresDelta(TorchFlash):
+    """dS = P * dP, forgetting the rowsum(dO * O) term."""
+    use_delta = False
+
+
+class DropoutWithoutRescale(TorchFlash):
+    """Dropout keeps scores but forgets the 1/(1-p) rescaling."""
+    dropout_rescale = False
+
+
+class OnlineSoftmaxWithoutRescale(TorchFlash):
+    """The running accumulator is not rescaled when the running max grows."""
+    rescale = False

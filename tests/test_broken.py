@@ -1,0 +1,58 @@
+"""The property suite catches each planted bug class, and passes the correct blockwise twin.
+
+Each broken variant (tests/broken_impls.py) must fail the property written for its bug
+class; the time to the (shrunk) failure is printed (run with -s to see it).
+"""
+
+import time
+
+import pytest
+
+import broken_impls as bi
+from flashverify.plugin import Env, _register_profiles
+from flashverify.properties import test_properties as props
+
+_register_profiles()
+ENV = Env(device="cpu", profile="hunt", max_seqlen=64, repro_dir=None)
+CI_ENV = Env(device="cpu", profile="ci", max_seqlen=64, repro_dir=None)
+
+PLANTED = [
+    (bi.DropsPartialBlock, props.test_forward_within_bounds, "a-priori bound"),
+    (bi.WrongCausalAlignment, props.test_causal_alignment_with_unequal_lengths, "asked for bottom_right"),
+    (bi.NanOnMaskedRows, props.test_fully_masked_rows_give_zero, "NaN"),
+    (bi.WrongGqaMapping, props.test_gqa_equals_repeated_kv, ""),
+    (bi.AssumesContiguous, props.test_forward_within_bounds, ""),
+    (bi.DropoutMaskDiffersInBackward, props.test_dropout_gradient_matches_forward_mask, "directional derivative"),
+    (bi.NoMaxSubtraction, props.test_forward_within_bounds, "NaN/Inf where the oracle is finite"),
+    (bi.BackwardIgnoresDelta, props.test_backward_within_bounds, ""),
+    (bi.DropoutWithoutRescale, props.test_dropout_unbiased, "dropout is biased"),
+    (bi.OnlineSoftmaxWithoutRescale, props.test_forward_within_bounds, ""),
+]
+
+
+def _impl(cls):
+    impl = cls()
+    impl.spec = f"broken_impls:{cls.__name__}"
+    return impl
+
+
+@pytest.mark.parametrize("cls,prop,text", PLANTED, ids=[c.__name__ for c, _, _ in PLANTED])
+def test_planted_bug_is_found(cls, prop, text):
+    start = time.perf_counter()
+    with pytest.raises(AssertionError) as info:
+        prop(_impl(cls), ENV)
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert text in message, message
+    print(f"\n{cls.__name__}: {prop.__name__} failed after {elapsed:.1f} s: {message.splitlines()[0][:120]}")
+
+
+CORRECT_PROPERTIES = [props.test_forward_within_bounds, props.test_backward_within_bounds,
+                      props.test_causal_alignment_with_unequal_lengths, props.test_fully_masked_rows_give_zero,
+                      props.test_gqa_equals_repeated_kv, props.test_dropout_gradient_matches_forward_mask,
+                      props.test_dropout_unbiased]
+
+
+@pytest.mark.parametrize("prop", CORRECT_PROPERTIES, ids=[p.__name__ for p in CORRECT_PROPERTIES])
+def test_correct_twin_passes(prop):
+    prop(_impl(bi.TorchFlash), CI_ENV)
