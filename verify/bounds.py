@@ -10,9 +10,9 @@ Two bounds, both reported for every tensor (derivation: docs/error-model.md):
 * **reference ratio**: the kernel's relative Frobenius error over that of the
   naive attention in the same low precision (see :mod:`flashverify.naive`), the
   criterion of FlashAttention's test suite. The naive error is floored by what no
-  flash kernel can beat: rounding the float64 answer to the output dtype,
-  REFERENCE_FLOOR_ROUNDINGS unit roundoffs, and (gradients) the exact effect of
-  FlashAttention-2's delta = rowsum(dO o O) being formed from the *rounded* O.
+  flash kernel can beat: rounding the float64 answer to the output dtype, and (for
+  gradients) the exact effect of FlashAttention-2's delta = rowsum(dO o O) being formed
+  from the implementation's own stored O.
 
 :func:`judge` is the only place that decides pass or fail.
 """
@@ -46,12 +46,15 @@ EXP2_RELATIVE_ERROR = 4 * UNIT_ROUNDOFF["float32"]
 # we keep those multipliers, applied per tensor.
 FORWARD_REFERENCE_RATIO = 2.0
 BACKWARD_REFERENCE_RATIO = 3.0
-# The naive reference's error is floored at this many unit roundoffs (relative) of the output
-# dtype. In degenerate problems (one key, exactly representable answers) naive attention can be
-# exact by luck, while a flash kernel legitimately pays two roundings the naive path does not:
-# P recomputed in the backward (another summation order of the same scores), and P rounded to
-# the input dtype before P.V. Below this floor only the a-priori bound judges.
-REFERENCE_FLOOR_ROUNDINGS = 2
+# A tensor the naive computation cannot resolve - its relative error at least this - has no
+# meaningful relative error to compare (dQ with one key is exactly 0; the float64 oracle holds
+# ~1e-16 of noise there): only the a-priori bound judges it.
+UNRESOLVED_NAIVE_ERROR = 0.5
+# The ratio is *judged* where the naive error is dominated by low-precision operands (fp16, bf16,
+# tf32) - the setting of FlashAttention's criterion. For IEEE float32 it is reported only: there
+# the naive error is a few float32 roundings and small problems with cancelling dP - delta swing
+# the ratio past 3x for correct FA2-style kernels (a blockwise twin: 5x on one query, two keys),
+# so the a-priori bound judges alone.
 REFERENCE_RATIO = {"o": FORWARD_REFERENCE_RATIO, "lse": FORWARD_REFERENCE_RATIO,
                    "dq": BACKWARD_REFERENCE_RATIO, "dk": BACKWARD_REFERENCE_RATIO,
                    "dv": BACKWARD_REFERENCE_RATIO}
@@ -197,7 +200,7 @@ class Check:
     error: TensorError
     bound_ratio: float            # max elementwise |err| / a-priori bound; pass needs <= 1
     reference_error: float | None  # rel. Frobenius error of the naive low-precision reference (floored)
-    reference_limit: float | None  # the multiplier allowed on it
+    reference_limit: float | None  # the multiplier allowed on it (None: reported, not judged)
 
     @property
     def reference_ratio(self) -> float | None:
@@ -228,7 +231,7 @@ def judge(check: Check) -> list[str]:
     if not check.bound_ratio <= 1.0:
         reasons.append(f"{check.tensor}: error is {check.bound_ratio:.3g}x its a-priori bound")
     ratio = check.reference_ratio
-    if ratio is not None and not ratio <= check.reference_limit:
+    if ratio is not None and check.reference_limit is not None and not ratio <= check.reference_limit:
         reasons.append(f"{check.tensor}: relative error {e.rel_fro:.3g} is {ratio:.3g}x the naive "
                        f"{'reference'}'s {check.reference_error:.3g} (limit {check.reference_limit:g}x)")
     return reasons

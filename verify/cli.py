@@ -33,7 +33,7 @@ def cmd_verify(args) -> int:
     mode = "Triton interpreter (CPU)" if kernels.interpreting() else torch.cuda.get_device_name()
     print(f"flashverify: bundled Triton kernel on {mode}, profile '{name}', {len(cases)} cases")
     print("Each cell: relative Frobenius error | measured / a-priori bound | ratio to the naive "
-          "low-precision reference (limit 2x fwd, 3x bwd)\n")
+          "low-precision reference (limit 2x fwd, 3x bwd; fp32: reported only)\n")
     header = f"{'case':44s}" + "".join(f"{t:>27s}" for t in TENSORS) + "  verdict"
     print(header)
     records, failed = [], 0
