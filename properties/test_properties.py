@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, note, target
 from hypothesis import strategies as st
 
-from flashverify.case import Case, Inputs
+from flashverify.case import Inputs
 from flashverify.evaluate import Outputs, evaluate, output_bound
 from flashverify.plugin import record_worst
 from flashverify.properties import strategies as fst
