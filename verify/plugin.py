@@ -43,6 +43,8 @@ def pytest_addoption(parser):
     group.addoption("--attn-max-seqlen", type=int, default=None,
                     help="largest sequence length drawn (default: 96 under Triton's interpreter, 512 on a GPU)")
     group.addoption("--attn-repro-dir", default=None, help="also save each failure's reproducer here")
+    group.addoption("--attn-report", default=None, metavar="PATH",
+                    help="write the per-implementation, per-property summary as JSON")
 
 
 @dataclass
@@ -114,3 +116,64 @@ def attn_impl(request, attn_env):
         impl.spec = spec
         _loaded[spec] = impl
     return _loaded[spec]
+
+
+# --- run summary ------------------------------------------------------------------------------
+
+_OUTCOMES = pytest.StashKey[dict]()   # per session: (spec, property) -> (outcome, detail[, reproducer])
+
+
+def _property_and_spec(item):
+    spec = getattr(item, "callspec", None)
+    if spec is None or "attn_impl" not in spec.params:
+        return None
+    return spec.params["attn_impl"], item.originalname or item.name
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    key = _property_and_spec(item)
+    if key is None or (report.when != "call" and not report.skipped and not report.failed):
+        return
+    outcomes = item.config.stash.setdefault(_OUTCOMES, {})
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        outcomes[key] = ("skipped", reason.removeprefix("Skipped: "))
+    elif report.failed:
+        text = str(report.longrepr)
+        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")), "failed")
+        repro = text[text.find("# flashverify reproducer"):] if "# flashverify reproducer" in text else ""
+        outcomes[key] = ("failed", first, repro.split("\nYou can reproduce")[0].replace("\nE   ", "\n"))
+    elif report.when == "call":
+        outcomes[key] = ("passed", "")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    outcomes = config.stash.get(_OUTCOMES, {})
+    if not outcomes:
+        return
+    tr = terminalreporter
+    tr.section("flashverify: properties per implementation")
+    records = []
+    for spec in sorted({s for s, _ in outcomes}):
+        tr.write_line(f"{spec}")
+        for (s, prop), (status, detail, *rest) in sorted(outcomes.items()):
+            if s != spec:
+                continue
+            worst = WORST.get((spec, prop.removeprefix("test_")))
+            worst_text = f"  worst {worst[1]} error/bound {worst[0]:.3g}" if worst else ""
+            tr.write_line(f"  {status.upper():8s} {prop.removeprefix('test_')}{worst_text}"
+                          + (f"  - {detail}" if detail else ""))
+            records.append({"implementation": spec, "property": prop.removeprefix("test_"), "outcome": status,
+                            "detail": detail, "reproducer": rest[0] if rest else None,
+                            "worst_bound_ratio": worst[0] if worst else None,
+                            "worst_tensor": worst[1] if worst else None,
+                            "worst_case": worst[2].as_dict() if worst else None})
+    path = config.getoption("--attn-report")
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump({"schema": "flashverify.property-report/1", "results": records}, f, indent=1)
+        tr.write_line(f"report written to {path}")

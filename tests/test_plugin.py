@@ -1,0 +1,46 @@
+"""The pytest plugin, exercised the way a user runs it: pytest --pyargs flashverify.properties ..."""
+
+import json
+
+
+def _run(pytester, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=ci",
+                              *args)
+
+
+def test_plugin_options_come_from_the_entry_point(pytester):
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--attn-impl=MODULE:CALLABLE*", "*--attn-report=PATH*"])
+
+
+def test_correct_implementation_passes(pytester):
+    result = _run(pytester, "--attn-impl=broken_impls:TorchFlash", "-k", "forward_within or fully_masked")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*flashverify: properties per implementation*", "*PASSED*forward_within_bounds*"])
+
+
+def test_broken_implementation_fails_with_a_readable_summary(pytester, tmp_path):
+    report = tmp_path / "report.json"
+    result = _run(pytester, "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
+                  "-k", "fully_masked", f"--attn-report={report}")
+    assert result.ret != 0
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["broken_impls:NanOnMaskedRows",
+                                 "*FAILED*fully_masked_rows_give_zero*NaN in the output of a fully masked row*",
+                                 "broken_impls:TorchFlash", "*PASSED*fully_masked_rows_give_zero*"])
+    data = json.loads(report.read_text())
+    failed = [r for r in data["results"] if r["outcome"] == "failed"]
+    assert failed[0]["implementation"] == "broken_impls:NanOnMaskedRows"
+    assert "case = Case(" in failed[0]["reproducer"]
+
+
+def test_bad_impl_spec_is_a_usage_error(pytester):
+    result = _run(pytester, "--attn-impl=not-a-spec")
+    assert result.ret == 4  # pytest's usage-error exit code
+    result.stderr.fnmatch_lines(["*--attn-impl must be 'package.module:callable'*"])
+
+
+def test_unsupported_features_are_skipped_with_reasons(pytester):
+    result = _run(pytester, "--attn-impl=flashverify.kernels:sdpa", "-k", "keep_rate", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*does not declare keep_mask*"])
