@@ -44,3 +44,15 @@ def test_unsupported_features_are_skipped_with_reasons(pytester):
     result = _run(pytester, "--attn-impl=flashverify.kernels:sdpa", "-k", "keep_rate", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*does not declare keep_mask*"])
+
+
+def test_expected_failures_are_declared_and_strict(pytester):
+    xfails = pytester.makefile(".txt", xfails="""
+        # known: returns NaN on rows with no allowed key
+        broken_impls:NanOnMaskedRows fully_masked_rows_give_zero 0/0 on empty rows, fix pending
+        broken_impls:TorchFlash fully_masked_rows_give_zero stale declaration
+    """)
+    result = _run(pytester, "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
+                  "-k", "fully_masked", f"--attn-xfails={xfails}")
+    result.assert_outcomes(xfailed=1, failed=1)  # the stale one passes: strict xfail fails it
+    result.stdout.fnmatch_lines(["*XFAIL*fully_masked_rows_give_zero*0/0 on empty rows, fix pending*"])

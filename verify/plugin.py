@@ -43,6 +43,8 @@ def pytest_addoption(parser):
     group.addoption("--attn-max-seqlen", type=int, default=None,
                     help="largest sequence length drawn (default: 96 under Triton's interpreter, 512 on a GPU)")
     group.addoption("--attn-repro-dir", default=None, help="also save each failure's reproducer here")
+    group.addoption("--attn-xfails", default=None, metavar="PATH",
+                    help="expected failures, one per line: IMPL_SPEC PROPERTY REASON... ('#' comments)")
     group.addoption("--attn-report", default=None, metavar="PATH",
                     help="write the per-implementation, per-property summary as JSON")
 
@@ -118,6 +120,41 @@ def attn_impl(request, attn_env):
     return _loaded[spec]
 
 
+# --- expected failures ------------------------------------------------------------------------
+
+def _xfails_file(config) -> dict:
+    """(spec, property) -> reason, from --attn-xfails (like array-api-tests' xfails file)."""
+    path = config.getoption("--attn-xfails")
+    if not path:
+        return {}
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split(None, 2)
+            if len(parts) < 3:
+                raise pytest.UsageError(f"{path}:{n}: expected 'IMPL_SPEC PROPERTY REASON', got {line!r}")
+            out[(parts[0], parts[1].removeprefix("test_"))] = parts[2]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _attn_expected_failure(request):
+    """Mark a property as an expected failure (strict: an unexpected pass fails, so stale
+    declarations get removed) when the implementation's `expected_failures` or the
+    --attn-xfails file declares it."""
+    if "attn_impl" not in request.fixturenames:
+        return
+    impl = request.getfixturevalue("attn_impl")
+    prop = request.node.originalname.removeprefix("test_")
+    declared = dict(getattr(impl, "expected_failures", {}) or {})
+    declared.update({p: r for (s, p), r in _xfails_file(request.config).items() if s == impl.spec})
+    if prop in declared:
+        request.node.add_marker(pytest.mark.xfail(reason=declared[prop], strict=True))
+
+
 # --- run summary ------------------------------------------------------------------------------
 
 _OUTCOMES = pytest.StashKey[dict]()   # per session: (spec, property) -> (outcome, detail[, reproducer])
@@ -138,12 +175,15 @@ def pytest_runtest_makereport(item, call):
     if key is None or (report.when != "call" and not report.skipped and not report.failed):
         return
     outcomes = item.config.stash.setdefault(_OUTCOMES, {})
-    if report.skipped:
+    if hasattr(report, "wasxfail") and report.skipped:
+        outcomes[key] = ("xfail", report.wasxfail)
+    elif report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         outcomes[key] = ("skipped", reason.removeprefix("Skipped: "))
     elif report.failed:
         text = str(report.longrepr)
-        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")), "failed")
+        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")),
+                     text.splitlines()[0] if text else "failed")
         repro = text[text.find("# flashverify reproducer"):] if "# flashverify reproducer" in text else ""
         outcomes[key] = ("failed", first, repro.split("\nYou can reproduce")[0].replace("\nE   ", "\n"))
     elif report.when == "call":
