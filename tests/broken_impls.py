@@ -165,3 +165,27 @@ class DropoutWithoutRescale(TorchFlash):
 class OnlineSoftmaxWithoutRescale(TorchFlash):
     """The running accumulator is not rescaled when the running max grows."""
     rescale = False
+
+
+class Hangs(TorchFlash):
+    """Never returns in time (a deadlocked kernel)."""
+
+    def forward(self, case, inputs, q, k, v):
+        import time
+        time.sleep(30)
+        return super().forward(case, inputs, q, k, v)
+
+
+class ReturnsWrongShape(TorchFlash):
+    """Returns O transposed to (B, N, H, D)."""
+
+    def forward(self, case, inputs, q, k, v):
+        return super().forward(case, inputs, q, k, v).transpose(1, 2)
+
+
+class MutatesInputs(TorchFlash):
+    """Scales q in place (then undoes nothing)."""
+
+    def forward(self, case, inputs, q, k, v):
+        inputs.q.mul_(1.0 + 2.0**-8) if inputs.q.is_floating_point() else None
+        return super().forward(case, inputs, q, k, v)

@@ -56,3 +56,15 @@ def test_expected_failures_are_declared_and_strict(pytester):
                   "-k", "fully_masked", f"--attn-xfails={xfails}")
     result.assert_outcomes(xfailed=1, failed=1)  # the stale one passes: strict xfail fails it
     result.stdout.fnmatch_lines(["*XFAIL*fully_masked_rows_give_zero*0/0 on empty rows, fix pending*"])
+
+
+def test_misbehaving_implementations_are_named_and_the_run_goes_on(pytester):
+    result = _run(pytester, "--attn-impl=broken_impls:Hangs", "--attn-impl=broken_impls:ReturnsWrongShape",
+                  "--attn-impl=broken_impls:MutatesInputs", "--attn-impl=broken_impls:TorchFlash",
+                  "--attn-timeout=1", "-k", "output_shape or inputs_not_mutated")
+    result.assert_outcomes(passed=3, failed=5)
+    result.stdout.fnmatch_lines_random([
+        "*FAILED*output_shape_dtype_device*hung: no result within 1 s*not called again*",
+        "*FAILED*output_shape_dtype_device*output has shape*expected*",
+        "*FAILED*inputs_not_mutated*q was modified by the call*",
+    ])

@@ -10,6 +10,7 @@ inputs); richer kernels subclass :class:`Implementation`.
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -22,6 +23,34 @@ ALL_DTYPES = ("float16", "bfloat16", "float32")
 
 class ImplementationError(Exception):
     """The implementation misbehaved in a way the report should name (not a wrong number)."""
+
+
+# Seconds one call of an implementation may take before it is reported as hung (None: no limit).
+# The plugin sets it from --attn-timeout. A hung call's thread cannot be killed: it is left
+# running in the background and the run goes on.
+CALL_TIMEOUT: float | None = None
+
+
+def _call(fn, what: str):
+    """fn() with the CALL_TIMEOUT, its exceptions re-raised as they are."""
+    if CALL_TIMEOUT is None:
+        return fn()
+    result, error = [], []
+
+    def target():
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            error.append(e)
+
+    worker = threading.Thread(target=target, daemon=True, name=f"flashverify-{what}")
+    worker.start()
+    worker.join(CALL_TIMEOUT)
+    if worker.is_alive():
+        raise ImplementationError(f"{what} hung: no result within {CALL_TIMEOUT:g} s (--attn-timeout)")
+    if error:
+        raise error[0]
+    return result[0]
 
 
 @dataclass(frozen=True)
@@ -86,9 +115,15 @@ class Implementation:
 
     def run(self, case: Case, inputs: Inputs, backward: bool = True) -> Outputs:
         """Call the implementation once (forward, then backward with inputs.do); check what came back."""
+        if getattr(self, "hung", None):  # a hung kernel may have wedged the device: do not call again
+            raise ImplementationError(f"{self.hung}; not called again")
         q, k, v = (t.detach().clone().requires_grad_(backward) for t in (inputs.q, inputs.k, inputs.v))
         try:
-            result = self.forward(case, inputs, q, k, v)
+            result = _call(lambda: self.forward(case, inputs, q, k, v), f"{self.name} forward")
+        except ImplementationError as e:
+            if "hung" in str(e):
+                self.hung = str(e)
+            raise
         except Exception as e:  # reported as exactly that, the run goes on
             raise ImplementationError(f"{self.name} raised {type(e).__name__}: {e}") from e
         o, lse = result if isinstance(result, tuple) else (result, None)
@@ -98,7 +133,9 @@ class Implementation:
         if not backward:
             return Outputs(o=o.detach(), lse=None if lse is None else lse.detach())
         try:
-            o.backward(inputs.do)
+            _call(lambda: o.backward(inputs.do), f"{self.name} backward")
+        except ImplementationError:
+            raise
         except Exception as e:
             raise ImplementationError(f"{self.name} backward raised {type(e).__name__}: {e}") from e
         for name, t, ref in (("dq", q, inputs.q), ("dk", k, inputs.k), ("dv", v, inputs.v)):

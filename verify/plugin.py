@@ -43,6 +43,8 @@ def pytest_addoption(parser):
     group.addoption("--attn-max-seqlen", type=int, default=None,
                     help="largest sequence length drawn (default: 96 under Triton's interpreter, 512 on a GPU)")
     group.addoption("--attn-repro-dir", default=None, help="also save each failure's reproducer here")
+    group.addoption("--attn-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="report a call that takes longer as hung and go on (default 300; 0 = no limit)")
     group.addoption("--attn-xfails", default=None, metavar="PATH",
                     help="expected failures, one per line: IMPL_SPEC PROPERTY REASON... ('#' comments)")
     group.addoption("--attn-report", default=None, metavar="PATH",
@@ -107,8 +109,11 @@ def attn_env(request) -> Env:
 @pytest.fixture(scope="session")
 def attn_impl(request, attn_env):
     """The implementation under test (loaded once per spec, capabilities probed on the device)."""
+    from flashverify import impls
     from flashverify.impls import load
 
+    timeout = request.config.getoption("--attn-timeout")
+    impls.CALL_TIMEOUT = timeout if timeout and timeout > 0 else None
     spec = request.param
     if spec not in _loaded:
         try:
