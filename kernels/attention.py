@@ -74,7 +74,7 @@ class _Problem:
     dropout_p: float
     seed: int
     dot_precision: str
-    precise_exp: bool  # float32 inputs: correctly rounded exp2 (see triton_kernels._exp2)
+    precise_exp: bool  # float32 inputs: natural-unit scores, correctly rounded exp/log (triton_kernels._exp)
     config: LaunchConfig
 
     @property

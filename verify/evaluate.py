@@ -95,7 +95,7 @@ def evaluate(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None
             delta_floor = tensor_error(getattr(via_rounded_o, name), getattr(grads, name)).rel_fro
             naive[name] = max(naive[name], delta_floor)
     dt = case.torch_dtype
-    ratio_judged = case.dtype != "float32" or tf32  # see bounds.REFERENCE_RATIO_DTYPES
+    ratio_judged = case.dtype != "float32" or tf32  # why: the comment on bounds.REFERENCE_RATIO
     checks = [_check("o", out.o, fwd.o, o_b, dt, naive, ratio_judged)]
     if out.lse is not None:
         checks.append(_check("lse", out.lse, fwd.lse, lse_b, torch.float32, None, False))

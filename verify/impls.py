@@ -25,6 +25,10 @@ class ImplementationError(Exception):
     """The implementation misbehaved in a way the report should name (not a wrong number)."""
 
 
+class ImplementationHung(ImplementationError):
+    """A call outlived CALL_TIMEOUT."""
+
+
 # Seconds one call of an implementation may take before it is reported as hung (None: no limit).
 # The plugin sets it from --attn-timeout. A hung call's thread cannot be killed: it is left
 # running in the background and the run goes on.
@@ -47,7 +51,7 @@ def _call(fn, what: str):
     worker.start()
     worker.join(CALL_TIMEOUT)
     if worker.is_alive():
-        raise ImplementationError(f"{what} hung: no result within {CALL_TIMEOUT:g} s (--attn-timeout)")
+        raise ImplementationHung(f"{what} hung: no result within {CALL_TIMEOUT:g} s (--attn-timeout)")
     if error:
         raise error[0]
     return result[0]
@@ -72,31 +76,6 @@ class Capabilities:
     strided_inputs: bool = True
     notes: dict = field(default_factory=dict)   # feature -> why unsupported (from probing)
 
-    def unsupported(self, case: Case) -> str | None:
-        """Why `case` is outside these capabilities, or None."""
-        if case.dtype not in self.dtypes:
-            return f"dtype {case.dtype} not supported (declares {', '.join(self.dtypes)})"
-        if case.causal and case.causal_alignment not in self.causal_alignments:
-            return f"causal {case.causal_alignment} not supported"
-        if case.window is not None and not self.window:
-            return "sliding window not supported"
-        if case.key_lengths is not None and not self.key_lengths:
-            return "key_lengths not supported"
-        if case.mask is not None and case.mask not in self.masks:
-            return f"{case.mask} attn_mask not supported"
-        if case.heads_q != case.heads_kv and not self.gqa:
-            return "GQA/MQA not supported"
-        if case.dropout_p > 0 and not self.dropout:
-            return "dropout not supported"
-        lo, hi = self.head_dims
-        if not lo <= case.head_dim <= hi:
-            return f"head dim {case.head_dim} outside [{lo}, {hi}]"
-        if max(case.seqlen_q, case.seqlen_k) > self.max_seqlen:
-            return f"sequence length above {self.max_seqlen}"
-        if case.layout != "bhnd" and not self.strided_inputs:
-            return "non-contiguous inputs not supported"
-        return None
-
 
 class Implementation:
     """Adapter base: override :meth:`forward` (and :meth:`keep_mask` if dropout is observable)."""
@@ -120,9 +99,8 @@ class Implementation:
         q, k, v = (t.detach().clone().requires_grad_(backward) for t in (inputs.q, inputs.k, inputs.v))
         try:
             result = _call(lambda: self.forward(case, inputs, q, k, v), f"{self.name} forward")
-        except ImplementationError as e:
-            if "hung" in str(e):
-                self.hung = str(e)
+        except ImplementationHung as e:
+            self.hung = str(e)
             raise
         except Exception as e:  # reported as exactly that, the run goes on
             raise ImplementationError(f"{self.name} raised {type(e).__name__}: {e}") from e
@@ -134,7 +112,8 @@ class Implementation:
             return Outputs(o=o.detach(), lse=None if lse is None else lse.detach())
         try:
             _call(lambda: o.backward(inputs.do), f"{self.name} backward")
-        except ImplementationError:
+        except ImplementationHung as e:
+            self.hung = str(e)
             raise
         except Exception as e:
             raise ImplementationError(f"{self.name} backward raised {type(e).__name__}: {e}") from e
@@ -189,10 +168,9 @@ def sdpa_mask(case: Case, inputs: Inputs):
                    and case.key_lengths is None and case.mask is None)
     if only_causal:
         return None, True
-    masking = case.masking(inputs)
     if not (case.causal or case.window or case.key_lengths or case.mask):
         return None, False
-    allowed, bias = masking.allowed_and_bias(case.batch, case.heads_q, case.seqlen_q, case.seqlen_k,
+    allowed, bias = case.masking(inputs).allowed_and_bias(case.batch, case.heads_q, case.seqlen_q, case.seqlen_k,
                                              inputs.q.device)
     if bias is None:
         return allowed, False
@@ -241,7 +219,10 @@ class SdpaCallable(Implementation):
         dtypes = []
         for d, c in probes["dtypes"]:
             why = works(c)
-            (notes.__setitem__(d, why) if why else dtypes.append(d))
+            if why:
+                notes[d] = why
+            else:
+                dtypes.append(d)
         caps = replace(caps, dtypes=tuple(dtypes))
         for feature in ("gqa", "dropout"):
             why = works(probes[feature])
@@ -251,7 +232,10 @@ class SdpaCallable(Implementation):
         masks = []
         for m in ("bool", "additive"):
             why = works(probes[m])
-            (notes.__setitem__(m, why) if why else masks.append(m))
+            if why:
+                notes[m] = why
+            else:
+                masks.append(m)
         caps = replace(caps, masks=tuple(masks))
         if not (masks and "bool" in masks):  # other mask kinds are materialized as bool masks
             caps = replace(caps, window=False, key_lengths=False, causal_alignments=("top_left",))

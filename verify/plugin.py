@@ -65,8 +65,12 @@ class Env:
         return settings.get_profile(f"flashverify-{self.profile}")
 
 
+_XFAILS = pytest.StashKey[dict]()
+
+
 def pytest_configure(config):
     _register_profiles()
+    config.stash[_XFAILS] = _xfails_file(config)
     for spec in config.getoption("--attn-impl"):
         if ":" not in spec and spec not in ("flashverify", "naive"):
             raise pytest.UsageError(f"--attn-impl must be 'package.module:callable' or a built-in name "
@@ -155,7 +159,7 @@ def _attn_expected_failure(request):
     impl = request.getfixturevalue("attn_impl")
     prop = request.node.originalname.removeprefix("test_")
     declared = dict(getattr(impl, "expected_failures", {}) or {})
-    declared.update({p: r for (s, p), r in _xfails_file(request.config).items() if s == impl.spec})
+    declared.update({p: r for (s, p), r in request.config.stash[_XFAILS].items() if s == impl.spec})
     if prop in declared:
         request.node.add_marker(pytest.mark.xfail(reason=declared[prop], strict=True))
 
