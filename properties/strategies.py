@@ -17,7 +17,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from flashverify.case import DISTRIBUTIONS, Case
-from flashverify.impls import Capabilities
+from flashverify.impls import ALL_DTYPES, Capabilities
 
 # Lengths that break kernels: 1, primes, and one either side of the common block sizes.
 AWKWARD_LENGTHS = (1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 127, 128, 129, 255, 256, 257,
@@ -43,7 +43,7 @@ def heads(gqa: bool = True, max_kv_heads: int = 2, max_group: int = 3) -> st.Sea
     return st.tuples(st.integers(1, max_kv_heads), groups).map(lambda t: (t[0] * t[1], t[0]))
 
 
-def dtypes(allowed=("float16", "bfloat16", "float32")) -> st.SearchStrategy[str]:
+def dtypes(allowed=ALL_DTYPES) -> st.SearchStrategy[str]:
     return st.sampled_from(list(allowed))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import BUILTIN_IMPLEMENTATIONS
 from .case import Case, Inputs
 from .evaluate import Outputs
 
@@ -263,19 +264,31 @@ class Naive(Implementation):
 
 
 BUNDLED = Bundled()
-BUILTIN = {
-    "flashverify": Bundled,
-    "naive": Naive,
-}
+
+
+def builtin(name: str, device) -> Implementation:
+    """A built-in implementation by name (flashverify.BUILTIN_IMPLEMENTATIONS)."""
+    if name == "flashverify":
+        return Bundled()
+    if name == "naive":
+        return Naive()
+    from . import adapters
+    if name in adapters.SDPA_BACKENDS:
+        return adapters.sdpa_backend(name, device)
+    if name == "flex":
+        return adapters.FlexAttention(device)
+    raise ValueError(f"no built-in implementation {name!r}; built-ins: {', '.join(BUILTIN_IMPLEMENTATIONS)}")
 
 
 def load(spec: str, device=None) -> Implementation:
-    """'flashverify' / 'naive', an Implementation class or instance at 'module:attr', or any
+    """A built-in name, an Implementation class or instance at 'module:attr', or any
     SDPA-signature callable at 'module:attr' (probed for capabilities on `device`)."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec in BUILTIN_IMPLEMENTATIONS:
+        return builtin(spec, device)
     if ":" not in spec:
-        raise ValueError(f"--attn-impl must be 'package.module:callable' or one of {sorted(BUILTIN)}, got {spec!r}")
+        raise ValueError(f"--attn-impl must be 'package.module:callable' or a built-in name "
+                         f"({', '.join(BUILTIN_IMPLEMENTATIONS)}), got {spec!r}")
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -289,5 +302,4 @@ def load(spec: str, device=None) -> Implementation:
         return obj
     if not callable(obj):
         raise ValueError(f"{spec!r} is neither callable nor an Implementation")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return SdpaCallable(obj, name=spec).probe(device)
