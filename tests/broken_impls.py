@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flashverify import philox
-from flashverify.impls import Capabilities, Implementation
+from flashverify.impls import Bundled, Capabilities, Implementation
 
 BLOCK = 16
 
@@ -42,7 +42,7 @@ class _Flash(torch.autograd.Function):
             alpha = torch.exp(m - m_safe) if impl.rescale else torch.ones_like(m)
             l = l * alpha + p.sum(-1, keepdim=True)
             zj = z if keep is None else z[..., j:j + BLOCK]
-            acc = acc * alpha + (p * zj).to(q.dtype).float() @ v[:, :, j:j + BLOCK]
+            acc = (acc * alpha + (p * zj).to(q.dtype).float() @ v[:, :, j:j + BLOCK]).to(impl.accumulate).float()
             m = m_new
         o = acc / l if impl.nan_on_empty_rows else acc / torch.where(l == 0, 1.0, l)
         ctx.save_for_backward(q, k, v, o, allowed, keep)
@@ -88,6 +88,8 @@ class TorchFlash(Implementation):
     nan_on_empty_rows = False
     alignment_override = None
     assume_contiguous = False
+    accumulate = torch.float32
+
 
     def forward(self, case, inputs, q, k, v):
         masking_case = case if self.alignment_override is None else case.replace(
@@ -165,6 +167,21 @@ class DropoutWithoutRescale(TorchFlash):
 class OnlineSoftmaxWithoutRescale(TorchFlash):
     """The running accumulator is not rescaled when the running max grows."""
     rescale = False
+
+
+class AccumulatesInBf16(TorchFlash):
+    """The O accumulator is kept in bfloat16 between key blocks (a precision regression)."""
+    accumulate = torch.bfloat16
+
+
+class MaterializesScores(Bundled):
+    """The bundled kernel, plus a full N x N score matrix held during the call (a memory regression)."""
+
+    def forward(self, case, inputs, q, k, v):
+        scores = q @ k.repeat_interleave(case.heads_q // case.heads_kv, dim=1).transpose(-1, -2)
+        out = super().forward(case, inputs, q, k, v)
+        del scores
+        return out
 
 
 class Hangs(TorchFlash):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -76,6 +77,116 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def _device(arg) -> str:
+    import torch
+
+    import flashverify.kernels as kernels
+    device = arg if arg != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not kernels.interpreting():
+        raise SystemExit("error: --device cpu needs TRITON_INTERPRET=1 set before start-up")
+    return device
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.what, self.start = total, 0, what, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, label: str = ""):
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        line = (f"{self.what} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{time.time() - self.start:4.0f} s  {label}")
+        if self.tty:
+            print("\r" + line[:120].ljust(120), end="" if self.done < self.total else "\n", file=sys.stderr,
+                  flush=True)
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            print(line, file=sys.stderr, flush=True)
+
+
+def measure(specs, device, with_errors=True, with_memory=True, error_profile=None) -> dict:
+    """Fresh golden-layout results for each implementation spec: errors on the profile's cases
+    and memory scaling."""
+    from . import golden
+    from .impls import load
+    from .profiles import profile
+
+    cases = profile(error_profile or ("gpu" if device == "cuda" else "cpu"))
+    out = {}
+    for spec in specs:
+        impl = load(spec, device=device)
+        entry = {}
+        if with_errors:
+            bar = Progress(len(cases), f"{spec} errors")
+            entry["errors"] = golden.collect_errors(impl, cases, device, progress=bar)
+        if with_memory:
+            try:
+                entry["memory"] = golden.collect_memory(impl, device)
+            except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker
+                print(f"{spec}: memory not measurable here: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        out[spec] = entry
+    return out
+
+
+def cmd_golden(args) -> int:
+    from . import golden
+
+    device = _device(args.device)
+    platform = golden.platform_name(device)
+    path = golden.path_for(platform, args.golden_dir)
+    if args.action == "check":
+        try:
+            ref = golden.read(path)
+        except golden.GoldenError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        specs = args.impl or sorted(ref["implementations"])
+        if args.as_name and len(specs) != 1:
+            print("error: --as needs exactly one --impl", file=sys.stderr)
+            return 2
+        measured = {name for name in ("errors", "memory") if any(name in e for e in ref["implementations"].values())}
+        fresh = measure(specs, device, "errors" in measured, "memory" in measured)
+        try:
+            changes = golden.compare(ref, fresh, {specs[0]: args.as_name} if args.as_name else None)
+        except golden.GoldenError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        bad = [c for c in changes if c.verdict in ("regressed", "missing")]
+        better = [c for c in changes if c.verdict == "improved"]
+        print(f"golden gate: {path}\n{len(changes)} metrics: {len(bad)} regressed, {len(better)} improved, "
+              f"{len(changes) - len(bad) - len(better)} unchanged (slack: errors {golden.ERROR_SLACK:.0%}, "
+              f"memory {golden.MEMORY_SLACK:.0%}, exponent {golden.EXPONENT_SLACK})")
+        for c in bad:
+            print(f"  REGRESSED  {c}")
+        for c in better:
+            print(f"  improved   {c}")
+        if better and not bad:
+            print("improvements: record them with `flashverify golden update`")
+        return 1 if bad else 0
+    # update
+    try:
+        old = golden.read(path)
+    except golden.GoldenError as e:
+        if os.path.exists(path) and not args.force:
+            print(f"error: {e}\n(pass --force to overwrite it)", file=sys.stderr)
+            return 2
+        old = None
+    specs = args.impl or ["flashverify", "naive"]
+    fresh = measure(specs, device)
+    new = {"schema": golden.SCHEMA, "platform": platform, "environment": golden.environment(device),
+           "implementations": {**(old["implementations"] if old else {}), **fresh}}
+    lines = golden.diff(old, new)
+    print(f"golden update: {path}")
+    for line in lines or ["no gated metric changed beyond its slack"]:
+        print(f"  {line}")
+    golden.write(path, new)
+    print("written; review with `git diff` and commit it")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flashverify", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +196,17 @@ def main(argv=None) -> int:
                    help="case list (default: by device)")
     v.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     v.set_defaults(func=cmd_verify)
+    g = sub.add_parser("golden", help="the golden-result gate: check a fresh run against golden/, or update it")
+    g.add_argument("action", choices=("check", "update"))
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--impl", action="append", default=[], metavar="SPEC",
+                   help="implementation(s) to measure (default: check: those in the golden file; "
+                        "update: flashverify and naive)")
+    g.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="check: hold the one --impl to the golden entry NAME (e.g. a candidate build)")
+    g.add_argument("--golden-dir", default=None, help="directory of the golden files (default: the package's)")
+    g.add_argument("--force", action="store_true", help="update: overwrite a corrupt golden file")
+    g.set_defaults(func=cmd_golden)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,244 @@
+"""Golden results: errors and memory scaling a release must not regress.
+
+One JSON file per platform in ``golden/`` (``cpu-interpreter.json``, ``nvidia-h100-80gb-hbm3.json``,
+...), keyed by implementation, then by case (errors) or by pass (memory). Schema
+``flashverify.golden/1``. Written only by ``flashverify golden update``, which prints the diff;
+``flashverify golden check`` is the gate.
+
+The gate is one-sided: a metric worse than the golden by more than its slack fails, a better
+one passes and is reported as an improvement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+
+SCHEMA = "flashverify.golden/1"
+
+# Errors of a deterministic kernel on seeded inputs reproduce bit for bit on one platform; the
+# slack absorbs library updates that reorder a reference's sums. A real precision regression is
+# far larger: one extra rounding of a tensor multiplies its error by ~1.4, accumulating in bf16
+# by several times.
+ERROR_SLACK = 0.10
+ERROR_FLOOR = 1e-9          # absolute: below this an error (or error/bound) counts as unchanged
+GATED_ERRORS = ("rel_fro", "bound_ratio")   # max_ulp and the naive ratio are recorded, not gated
+# Allocator granularity (512-byte blocks on CUDA) and workspace-size heuristics of a library
+# move a peak by a few percent at most; an N x N buffer moves it by orders of magnitude.
+MEMORY_SLACK = 0.05
+EXPONENT_SLACK = 0.05
+# Sizes of the memory-scaling fit, per platform kind: the interpreter is slow, the GPU is not.
+MEMORY_NS = {"cpu": (64, 128, 256, 512), "cuda": (1024, 2048, 4096, 8192, 16384)}
+
+
+class GoldenError(Exception):
+    """A golden file that is missing, corrupt or of another schema."""
+
+
+def golden_dir() -> str:
+    return str(resources.files("flashverify.golden_files"))
+
+
+def platform_name(device) -> str:
+    """'cpu-interpreter' or the GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3')."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return "cpu-interpreter"
+    name = torch.cuda.get_device_name(torch.device(device))
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def path_for(platform: str, directory: str | None = None) -> str:
+    return os.path.join(directory or golden_dir(), f"{platform}.json")
+
+
+def read(path: str) -> dict:
+    """The golden file at `path`, validated; GoldenError says what is wrong and how to fix it."""
+    if not os.path.exists(path):
+        raise GoldenError(f"no golden file {path}: create it with `flashverify golden update`")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GoldenError(f"golden file {path} is not valid JSON ({e}); restore it from git or rewrite it "
+                          f"with `flashverify golden update`") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise GoldenError(f"golden file {path} has schema {found!r}, this flashverify reads {SCHEMA!r}; "
+                          f"rewrite it with `flashverify golden update`")
+    if not isinstance(data.get("implementations"), dict):
+        raise GoldenError(f"golden file {path} has no 'implementations' object")
+    return data
+
+
+def write(path: str, data: dict) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".golden-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a golden file is for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --- collecting fresh results -------------------------------------------------------------------
+
+def collect_errors(impl, cases: dict, device, progress=None) -> dict:
+    """case label -> tensor -> error metrics (issue 2's metrics and bounds)."""
+    from .evaluate import evaluate
+    out = {}
+    for label, case in cases.items():
+        if not _supports(impl, case):
+            continue
+        inputs = case.inputs(device)
+        result = impl.run(case, inputs, backward=impl.capabilities.backward)
+        keep = impl.keep_mask(case, device) if case.dropout_p else None
+        out[label] = {c.tensor: {"rel_fro": c.error.rel_fro, "max_ulp": c.error.max_ulp,
+                                 "bound_ratio": c.bound_ratio, "reference_ratio": c.reference_ratio,
+                                 "passed": c.passed}
+                      for c in evaluate(case, inputs, result, keep=keep)}
+        if progress:
+            progress(label)
+    return out
+
+
+def _supports(impl, case) -> bool:
+    caps = impl.capabilities
+    return (case.dtype in caps.dtypes and (case.dropout_p == 0 or caps.keep_mask)
+            and (case.heads_q == case.heads_kv or caps.gqa))
+
+
+def memory_base(device):
+    """The memory-scaling problem: causal fp16, as in the H100 anchors (B=1, H=8, D=64) on a GPU,
+    scaled down for the interpreter."""
+    from .case import Case
+    if _device_type(device) == "cuda":
+        return Case(batch=1, heads_q=8, heads_kv=8, head_dim=64, dtype="float16", causal=True)
+    return Case(batch=1, heads_q=2, heads_kv=2, head_dim=32, dtype="float16", causal=True)
+
+
+def _device_type(device) -> str:
+    import torch
+    return torch.device(device).type
+
+
+def collect_memory(impl, device, ns=None) -> dict:
+    """'forward' / 'forward+backward' -> memory.Scaling as a dict (plus the base case)."""
+    from .memory import scaling
+    base = memory_base(device)
+    ns = ns or MEMORY_NS["cuda" if _device_type(device) == "cuda" else "cpu"]
+    out = {}
+    for name, backward in (("forward", False), ("forward+backward", True)):
+        if backward and not impl.capabilities.backward:
+            continue
+        out[name] = {**scaling(impl, base, ns, device, backward).as_dict(), "case": base.as_dict()}
+    return out
+
+
+def environment(device) -> dict:
+    import platform
+
+    import torch
+    import triton
+
+    from . import __version__
+    return {"flashverify": __version__, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if _device_type(device) == "cuda" else "cpu (Triton interpreter)"}
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+@dataclass
+class Change:
+    """One gated metric, fresh against golden."""
+    implementation: str
+    where: str          # "errors dense/float16/N64/D64 o" or "memory forward+backward N=512"
+    metric: str
+    golden: float
+    fresh: float
+    verdict: str        # "regressed" | "improved" | "unchanged" | "missing"
+
+    def __str__(self):
+        if self.verdict == "missing":
+            return f"{self.implementation}: {self.where} {self.metric}: in the golden file, not measured now"
+        change = (self.fresh / self.golden - 1) * 100 if self.golden else math.inf
+        if self.metric == "exponent":
+            return (f"{self.implementation}: {self.where} {self.metric} {self.golden:.3f} -> {self.fresh:.3f} "
+                    f"({self.fresh - self.golden:+.3f}) {self.verdict}")
+        return (f"{self.implementation}: {self.where} {self.metric} {self.golden:.4g} -> {self.fresh:.4g} "
+                f"({change:+.1f}%) {self.verdict}")
+
+
+def _verdict(golden: float, fresh: float, slack: float, floor: float = 0.0) -> str:
+    if fresh is None or (isinstance(fresh, float) and math.isnan(fresh)):
+        return "regressed"
+    if fresh > golden * (1 + slack) + floor:
+        return "regressed"
+    if fresh < golden * (1 - slack) - floor:
+        return "improved"
+    return "unchanged"
+
+
+def compare(golden: dict, fresh: dict, as_name: dict | None = None) -> list[Change]:
+    """Every gated metric of `fresh` (same layout as golden['implementations']) against the golden.
+    `as_name` maps a fresh implementation to the golden entry it must match (default: its own)."""
+    as_name = as_name or {}
+    changes = []
+    for impl, result in fresh.items():
+        key = as_name.get(impl, impl)
+        ref = golden["implementations"].get(key)
+        if ref is None:
+            raise GoldenError(f"the golden file has no entry {key!r} (it has "
+                              f"{', '.join(sorted(golden['implementations']))})")
+        for label, tensors in ref.get("errors", {}).items():
+            for tensor, metrics in tensors.items():
+                for metric in GATED_ERRORS:
+                    where = f"errors {label} {tensor}"
+                    got = result.get("errors", {}).get(label, {}).get(tensor)
+                    if got is None:
+                        changes.append(Change(impl, where, metric, metrics[metric], math.nan, "missing"))
+                        continue
+                    changes.append(Change(impl, where, metric, metrics[metric], got[metric],
+                                          _verdict(metrics[metric], got[metric], ERROR_SLACK, ERROR_FLOOR)))
+        for pass_name, scaling in ref.get("memory", {}).items():
+            got = result.get("memory", {}).get(pass_name)
+            if got is None:
+                changes.append(Change(impl, f"memory {pass_name}", "peak_bytes", scaling["peak_bytes"][-1],
+                                      math.nan, "missing"))
+                continue
+            for n, want in zip(scaling["n"], scaling["peak_bytes"]):
+                have = dict(zip(got["n"], got["peak_bytes"])).get(n)
+                verdict = "missing" if have is None else _verdict(want, have, MEMORY_SLACK)
+                changes.append(Change(impl, f"memory {pass_name} N={n}", "peak_bytes", want,
+                                      math.nan if have is None else have, verdict))
+            changes.append(Change(impl, f"memory {pass_name}", "exponent", scaling["exponent"], got["exponent"],
+                                  _verdict(0.0, got["exponent"] - scaling["exponent"], 0.0, EXPONENT_SLACK)))
+    return changes
+
+
+def diff(old: dict | None, new: dict) -> list[str]:
+    """Human-readable lines: what `flashverify golden update` changes."""
+    if old is None:
+        return [f"new golden file: {', '.join(sorted(new['implementations']))}"]
+    lines = []
+    both = {k: v for k, v in new["implementations"].items() if k in old["implementations"]}
+    for change in compare(old, both):
+        if change.verdict != "unchanged":
+            lines.append(str(change))
+    for impl in sorted(set(old["implementations"]) - set(new["implementations"])):
+        lines.append(f"{impl}: kept from the old file (not re-measured)")
+    for impl in sorted(set(new["implementations"]) - set(old["implementations"])):
+        lines.append(f"{impl}: added")
+    return lines
