@@ -42,6 +42,8 @@ class FlexAttention(Implementation):
     name = "flex"
     capabilities = Capabilities(dropout=False, keep_mask=False, deterministic_dropout=False,
                                 notes={"dropout": "FlexAttention has no dropout"})
+    # flashverify.memory's CPU tracker is a TorchDispatchMode, which FlexAttention's eager path refuses
+    cpu_memory_untracked = "FlexAttention's eager path runs under no TorchDispatchMode (measure it on a GPU)"
 
     def __init__(self, device="cuda"):
         self._compiled = None

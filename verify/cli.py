@@ -16,65 +16,68 @@ def _fmt_ratio(x):
 
 
 def cmd_verify(args) -> int:
-    import torch
+    """The main job: the bundled kernel on the machine's case profile, a console summary, a report."""
+    from . import report
 
-    import flashverify.kernels as kernels
-    from .evaluate import evaluate
-    from .impls import BUNDLED
-    from .profiles import profile
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not kernels.interpreting():
-        print("error: --device cpu needs TRITON_INTERPRET=1 set before start-up", file=sys.stderr)
-        return 2
-    name = args.profile or ("gpu" if device == "cuda" else "cpu")
-    cases = profile(name)
-    mode = "Triton interpreter (CPU)" if kernels.interpreting() else torch.cuda.get_device_name()
-    print(f"flashverify: bundled Triton kernel on {mode}, profile '{name}', {len(cases)} cases")
+    device = _device(args.device)
+    data = report.collect(["flashverify"], device, args.profile, progress_factory=Progress)
+    errors = data["implementations"]["flashverify"]["errors"]
+    print(f"flashverify: bundled Triton kernel on {data['environment']['device']}, profile '{data['profile']}', "
+          f"{len(errors)} cases")
     print("Each cell: relative Frobenius error | measured / a-priori bound | ratio to the naive "
           "low-precision reference (limit 2x fwd, 3x bwd; fp32: reported only)\n")
-    header = f"{'case':44s}" + "".join(f"{t:>27s}" for t in TENSORS) + "  verdict"
-    print(header)
-    records, failed = [], 0
-    start = time.time()
-    for label, case in cases.items():
-        inputs = case.inputs(device)
-        out = BUNDLED.run(case, inputs)
-        checks = evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device))
-        by_name = {c.tensor: c for c in checks}
-        cells = []
-        for t in TENSORS:
-            c = by_name[t]
-            cells.append(f"{c.error.rel_fro:9.2e} |{c.bound_ratio:5.2f} |{_fmt_ratio(c.reference_ratio)}")
-        reasons = [r for c in checks for r in c.failures]
+    print(f"{'case':44s}" + "".join(f"{t:>27s}" for t in TENSORS) + "  verdict")
+    failed = 0
+    for label, tensors in errors.items():
+        if "raised" in tensors:
+            failed += 1
+            print(f"{label:44s}  FAIL: {tensors['raised']}")
+            continue
+        cells = [f"{c['rel_fro']:9.2e} |{c['bound_ratio']:5.2f} |{_fmt_ratio(c['reference_ratio'])}"
+                 for c in (tensors[t] for t in TENSORS)]
+        reasons = [r for c in tensors.values() for r in c["failures"]]
         failed += bool(reasons)
         print(f"{label:44s}" + "".join(f"{c:>27s}" for c in cells) + ("  PASS" if not reasons else "  FAIL"))
         for r in reasons:
             print(f"    {r}")
-        records.append({"name": label, "case": case.as_dict(), "passed": not reasons, "failures": reasons,
-                        "checks": {c.tensor: {**c.error.as_dict(), "bound_ratio": c.bound_ratio,
-                                              "reference_ratio": c.reference_ratio} for c in checks}})
-    print(f"\nSummary ({time.time() - start:.0f} s): worst over cases, per dtype and tensor "
-          "(relative error / bound ratio / naive ratio)")
+    print("\nSummary: worst over cases, per dtype and tensor (relative error / bound ratio / naive ratio)")
     for dtype in ("float16", "bfloat16", "float32"):
-        rows = [r for r in records if r["case"]["dtype"] == dtype]
+        rows = [tensors for label, tensors in errors.items() if f"/{dtype}/" in label and "raised" not in tensors]
         if not rows:
             continue
         parts = []
         for t in TENSORS:
-            rel = max(r["checks"][t]["rel_fro"] for r in rows)
-            b = max(r["checks"][t]["bound_ratio"] for r in rows)
-            refs = [r["checks"][t]["reference_ratio"] for r in rows if r["checks"][t]["reference_ratio"] is not None]
+            rel = max(r[t]["rel_fro"] for r in rows)
+            b = max(r[t]["bound_ratio"] for r in rows)
+            refs = [r[t]["reference_ratio"] for r in rows if r[t]["reference_ratio"] is not None]
             parts.append(f"{t} {rel:.1e}/{b:.2f}/{max(refs):.2f}" if refs else f"{t} {rel:.1e}/{b:.2f}/n/a")
         print(f"  {dtype:9s} " + "   ".join(parts))
-    print(f"\n{len(records) - failed} passed, {failed} failed")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"profile": name, "device": mode, "cases": records}, f, indent=1)
-        print(f"results written to {args.json}")
+    for pass_name, m in data["implementations"]["flashverify"].get("memory", {}).items():
+        print(f"  memory {pass_name}: exponent {m['exponent']:.3f} in N, {m['min_ratio']:.3f}x the physical "
+              f"minimum at N={m['n'][-1]}")
+    print(f"\n{len(errors) - failed} passed, {failed} failed")
+    paths = report.write(args.report, data, _baseline(args, device))
+    print(f"Report: {paths['html']} (also {os.path.basename(paths['md'])}, {os.path.basename(paths['json'])})")
     return 1 if failed else 0
+
+
+def _baseline(args, device):
+    """--compare PATH, else this platform's golden file if there is one."""
+    from . import golden, report
+    if getattr(args, "compare", None):
+        return report.load_baseline(args.compare)
+    path = golden.path_for(golden.platform_name(device))
+    return golden.read(path) if os.path.exists(path) else None
+
+
+def cmd_report(args) -> int:
+    from . import report
+    device = _device(args.device)
+    data = report.collect(args.impl or ["flashverify"], device, args.profile, args.search_examples,
+                          progress_factory=Progress)
+    paths = report.write(args.out, data, _baseline(args, device))
+    print(f"Report: {paths['html']}\n        {paths['md']}\n        {paths['json']}")
+    return 0
 
 
 def _device(arg) -> str:
@@ -194,8 +197,22 @@ def main(argv=None) -> int:
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("--profile", choices=("cpu", "gpu"), default=None,
                    help="case list (default: by device)")
-    v.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    v.add_argument("--report", metavar="DIR", default="flashverify-report",
+                   help="where to write the report (default: ./flashverify-report)")
+    v.add_argument("--compare", metavar="PATH", help="baseline: an older report.json or a golden file "
+                   "(default: this platform's golden file)")
     v.set_defaults(func=cmd_verify)
+    r = sub.add_parser("report", help="write an error-bound report (Markdown, HTML, JSON) for implementations")
+    r.add_argument("--impl", action="append", default=[], metavar="SPEC",
+                   help="implementation(s) to report on, as for --attn-impl (default: flashverify)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    r.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="case list (default: by device)")
+    r.add_argument("--search-examples", type=int, default=None,
+                   help="examples of the targeted worst-case search (default: 6 on the CPU, 60 on a GPU)")
+    r.add_argument("--out", metavar="DIR", default="flashverify-report")
+    r.add_argument("--compare", metavar="PATH", help="baseline: an older report.json or a golden file "
+                   "(default: this platform's golden file)")
+    r.set_defaults(func=cmd_report)
     g = sub.add_parser("golden", help="the golden-result gate: check a fresh run against golden/, or update it")
     g.add_argument("action", choices=("check", "update"))
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

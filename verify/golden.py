@@ -95,18 +95,25 @@ def write(path: str, data: dict) -> None:
 # --- collecting fresh results -------------------------------------------------------------------
 
 def collect_errors(impl, cases: dict, device, progress=None) -> dict:
-    """case label -> tensor -> error metrics (issue 2's metrics and bounds)."""
+    """case label -> tensor -> error metrics (issue 2's metrics and bounds); a case whose call
+    raised or misbehaved maps to {"raised": message} and the run goes on."""
     from .evaluate import evaluate
+    from .impls import ImplementationError
     out = {}
     for label, case in cases.items():
         if not _supports(impl, case):
             continue
         inputs = case.inputs(device)
-        result = impl.run(case, inputs, backward=impl.capabilities.backward)
+        try:
+            result = impl.run(case, inputs, backward=impl.capabilities.backward)
+        except ImplementationError as e:
+            out[label] = {"raised": str(e).splitlines()[0][:300]}
+            continue
         keep = impl.keep_mask(case, device) if case.dropout_p else None
-        out[label] = {c.tensor: {"rel_fro": c.error.rel_fro, "max_ulp": c.error.max_ulp,
+        out[label] = {c.tensor: {"max_abs": c.error.max_abs, "p99_abs": c.error.p99_abs, "rmse": c.error.rmse,
+                                 "max_ulp": c.error.max_ulp, "rel_fro": c.error.rel_fro,
                                  "bound_ratio": c.bound_ratio, "reference_ratio": c.reference_ratio,
-                                 "passed": c.passed}
+                                 "failures": c.failures}
                       for c in evaluate(case, inputs, result, keep=keep)}
         if progress:
             progress(label)
@@ -136,6 +143,8 @@ def _device_type(device) -> str:
 def collect_memory(impl, device, ns=None) -> dict:
     """'forward' / 'forward+backward' -> memory.Scaling as a dict (plus the base case)."""
     from .memory import scaling
+    if _device_type(device) == "cpu" and getattr(impl, "cpu_memory_untracked", None):
+        raise NotImplementedError(impl.cpu_memory_untracked)
     base = memory_base(device)
     ns = ns or MEMORY_NS["cuda" if _device_type(device) == "cuda" else "cpu"]
     out = {}

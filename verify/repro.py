@@ -9,9 +9,9 @@ from .case import Case
 
 
 def reproducer(impl_spec: str, case: Case, device: str, property_name: str, detail: str = "",
-               backward: bool = True) -> str:
+               backward: bool = True, title: str | None = None) -> str:
     """A standalone Python snippet that rebuilds the exact inputs and re-runs the check."""
-    return f'''# flashverify reproducer: {property_name} failed for {impl_spec}
+    return f'''# flashverify reproducer: {title or f"{property_name} failed for {impl_spec}"}
 {("# " + detail.replace(chr(10), chr(10) + "# ")) if detail else ""}
 import torch
 from flashverify.case import Case

@@ -1,0 +1,433 @@
+"""Error-bound reports for releases: one measurement, written as Markdown, HTML and JSON.
+
+``flashverify report`` (and the end of ``flashverify verify``) runs a profile against one or
+more implementations and writes a directory::
+
+    report.md     for release notes (plots as PNG files beside it)
+    report.html   self-contained (plots embedded), the one to look at
+    report.json   schema flashverify.report/1: the golden layout plus the sweeps, so a golden
+                  file or an older report can be the baseline of the comparison columns
+
+The document is built once as a list of blocks and rendered twice (Markdown, HTML).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from . import golden
+
+SCHEMA = "flashverify.report/1"
+TENSORS = ("o", "lse", "dq", "dk", "dv")
+# Error-vs-N sweep: dense problems at growing N, per platform kind (the interpreter is slow).
+SWEEP = {"cpu": dict(ns=(32, 64, 128, 256), head_dim=32), "cuda": dict(ns=(512, 1024, 2048, 4096, 8192), head_dim=128)}
+SEARCH_EXAMPLES = {"cpu": 6, "cuda": 60}
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def collect(specs, device, profile_name=None, search_examples=None, progress_factory=None) -> dict:
+    """Everything the report shows, for each implementation spec (JSON-ready)."""
+    from .case import Case
+    from .impls import load
+    from .profiles import profile
+
+    kind = "cuda" if golden._device_type(device) == "cuda" else "cpu"
+    profile_name = profile_name or ("gpu" if kind == "cuda" else "cpu")
+    cases = profile(profile_name)
+    data = {"schema": SCHEMA, "platform": golden.platform_name(device), "environment": golden.environment(device),
+            "profile": profile_name, "implementations": {}}
+    for spec in specs:
+        impl = load(spec, device=device)
+        caps = impl.capabilities
+        entry = {"capabilities": {"dtypes": list(caps.dtypes), "backward": caps.backward, "lse": caps.lse,
+                                  "dropout": caps.dropout and caps.keep_mask, "notes": caps.notes}}
+        bar = progress_factory(len(cases), f"{spec}: errors") if progress_factory else None
+        entry["errors"] = golden.collect_errors(impl, cases, device, progress=bar)
+        try:
+            entry["memory"] = golden.collect_memory(impl, device)
+        except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker: say so, go on
+            entry["memory_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        sweep = SWEEP[kind]
+        entry["error_vs_n"] = {}
+        for dtype in ("float16", "bfloat16"):
+            if dtype not in caps.dtypes:
+                continue
+            sweep_cases = {f"N{n}": Case(seqlen_q=n, seqlen_k=n, head_dim=sweep["head_dim"], dtype=dtype)
+                           for n in sweep["ns"]}
+            errors = golden.collect_errors(impl, sweep_cases, device)
+            if any("raised" in e for e in errors.values()):
+                entry["error_vs_n"][dtype] = {"raised": next(e["raised"] for e in errors.values() if "raised" in e)}
+                continue
+            tensors = [t for t in TENSORS if t in errors[f"N{sweep['ns'][0]}"]]
+            entry["error_vs_n"][dtype] = {"n": list(sweep["ns"]), "head_dim": sweep["head_dim"],
+                                          **{t: [errors[f"N{n}"][t]["rel_fro"] for n in sweep["ns"]]
+                                             for t in tensors},
+                                          # the naive low-precision error on the same inputs, for scale
+                                          **{f"{t}_naive": [_naive_error(errors[f"N{n}"][t]) for n in sweep["ns"]]
+                                             for t in tensors}}
+        entry["worst"] = worst_case(impl, spec, device, search_examples or SEARCH_EXAMPLES[kind])
+        data["implementations"][spec] = entry
+    return data
+
+
+def _naive_error(metrics: dict):
+    ratio = metrics["reference_ratio"]
+    return metrics["rel_fro"] / ratio if ratio else None
+
+
+def worst_case(impl, spec, device, examples: int) -> dict | None:
+    """A short targeted search (hypothesis.target on error/bound) for the implementation's worst case."""
+    from hypothesis import HealthCheck, given, settings, target
+
+    from .evaluate import evaluate
+    from flashverify.properties import strategies as fst
+    from .repro import reproducer
+
+    max_seqlen = 96 if golden._device_type(device) != "cuda" else 1024
+    worst = {}
+
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(fst.cases(impl.capabilities, max_seqlen=max_seqlen))
+    def search(case):
+        x = case.inputs(device)
+        out = impl.run(case, x, backward=impl.capabilities.backward)
+        keep = impl.keep_mask(case, device) if case.dropout_p else None
+        check = max(evaluate(case, x, out, keep=keep), key=lambda c: c.bound_ratio)
+        target(min(check.bound_ratio, 1e6))
+        if check.bound_ratio > worst.get("bound_ratio", -1):
+            worst.update(case=repr(case), tensor=check.tensor, bound_ratio=check.bound_ratio,
+                         reference_ratio=check.reference_ratio, rel_fro=check.error.rel_fro,
+                         reproducer=reproducer(spec, case, device, "worst_case",
+                                              title=f"worst case the targeted search found for {spec}"))
+
+    try:
+        search()
+    except Exception as e:  # noqa: BLE001 - the report shows what went wrong and goes on
+        worst["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return worst or None
+
+
+# --- comparing with a baseline ------------------------------------------------------------------
+
+def baseline_verdicts(data: dict, baseline: dict | None) -> dict:
+    """(impl, case label, tensor) -> 'regressed' / 'improved' / 'unchanged' against the baseline."""
+    if not baseline:
+        return {}
+    shared = {k: v for k, v in data["implementations"].items() if k in baseline.get("implementations", {})}
+    out = {}
+    for change in golden.compare(baseline, shared):
+        if not change.where.startswith("errors "):
+            continue
+        _, label, tensor = change.where.split(" ")
+        key = (change.implementation, label, tensor)
+        rank = {"regressed": 3, "missing": 2, "improved": 1, "unchanged": 0}
+        if rank[change.verdict] >= rank.get(out.get(key), -1):
+            out[key] = change.verdict
+    return out
+
+
+def load_baseline(path: str) -> dict:
+    """A previous report.json or a golden file (same layout under 'implementations')."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema") not in (SCHEMA, golden.SCHEMA):
+        raise golden.GoldenError(f"{path} is neither a flashverify report nor a golden file "
+                                 f"(schema {data.get('schema')!r})")
+    return data
+
+
+# --- the document -------------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    kind: str          # heading | text | table | image | code | details
+    content: object
+    level: int = 2
+
+
+def _fmt(x, spec=".2e"):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
+        return str(x)
+    return format(x, spec)
+
+
+def build(data: dict, baseline: dict | None, images: dict) -> list[Block]:
+    """The report as blocks; `images` maps plot names to file names."""
+    env = data["environment"]
+    verdicts = baseline_verdicts(data, baseline)
+    blocks = [Block("heading", "flashverify error-bound report", 1),
+              Block("table", ([["Platform", data["platform"]], ["Device", env["device"]],
+                               ["flashverify", env["flashverify"]], ["torch", env["torch"]],
+                               ["triton", env["triton"]], ["Python", env["python"]],
+                               ["Case profile", data["profile"]],
+                               ["Baseline", baseline.get("platform", "?") + f" ({baseline['schema']})"
+                                if baseline else "none"]], ["", ""])),
+              Block("text", "Errors are measured against a float64 oracle on the same rounded inputs. "
+                            "*bound ratio* = max over elements of |error| / a-priori bound (docs/error-model.md; "
+                            "above 1 fails). *naive ratio* = relative error / that of naive attention computed "
+                            "in the same low precision (limit 2x forward, 3x backward, judged for fp16/bf16). "
+                            "*vs baseline*: the gate's one-sided verdict (errors may grow "
+                            f"{golden.ERROR_SLACK:.0%} before they count as regressed). The bound models a flash kernel "
+                            "(float32 accumulation, P rounded once): the naive reference, computed entirely in "
+                            "low precision, is not expected to meet it.")]
+    blocks.append(Block("heading", "Summary: worst over cases, per implementation and dtype"))
+    rows = []
+    for spec, entry in data["implementations"].items():
+        for dtype in ("float16", "bfloat16", "float32"):
+            labels = [label for label, t in entry["errors"].items() if f"/{dtype}/" in label and "raised" not in t]
+            if not labels:
+                continue
+            for t in TENSORS:
+                have = [entry["errors"][label][t] for label in labels if t in entry["errors"][label]]
+                if not have:
+                    continue
+                refs = [h["reference_ratio"] for h in have if h["reference_ratio"] is not None]
+                marks = [verdicts.get((spec, label, t)) for label in labels]
+                failed = sum(bool(h["failures"]) for h in have)
+                rows.append([spec, dtype, t, _fmt(max(h["max_abs"] for h in have)),
+                             _fmt(max(h["p99_abs"] for h in have)), _fmt(max(h["rmse"] for h in have)),
+                             _fmt(max(h["max_ulp"] for h in have), ".1f"),
+                             _fmt(max(h["rel_fro"] for h in have)),
+                             _fmt(max(h["bound_ratio"] for h in have), ".3f"),
+                             _fmt(max(refs), ".2f") if refs else "n/a",
+                             f"{len(have) - failed}/{len(have)}", _baseline_cell(marks, baseline)])
+    blocks.append(Block("table", (rows, ["implementation", "dtype", "tensor", "max abs", "p99 abs", "RMSE",
+                                         "max ULP", "rel. Frobenius", "bound ratio", "naive ratio", "passed",
+                                         "vs baseline"])))
+    blocks.append(Block("heading", "Memory: peak extra memory against N"))
+    mem_rows = []
+    for spec, entry in data["implementations"].items():
+        if "memory_error" in entry:
+            mem_rows.append([spec, "-", "not measured here: " + entry["memory_error"], "", "", "", ""])
+        for pass_name, m in entry.get("memory", {}).items():
+            mem_rows.append([spec, pass_name, f"{m['exponent']:.3f}", f"{m['residual']:.3f}",
+                             f"{m['n'][-1]}", _bytes(m["peak_bytes"][-1]), f"{m['min_ratio']:.3f}"])
+    blocks.append(Block("table", (mem_rows, ["implementation", "pass", "fitted exponent", "fit residual (log2)",
+                                             "largest N", "peak there", "peak / physical minimum"])))
+    case = next((m["case"] for e in data["implementations"].values() for m in e.get("memory", {}).values()), None)
+    if case:
+        blocks.append(Block("text", f"Problem: B={case['batch']}, H={case['heads_q']}, D={case['head_dim']}, "
+                                    f"{case['dtype']}, causal; Nq = Nk = N. Physical minimum: O and LSE forward; "
+                                    "plus dQ, dK, dV and delta with the backward. Exponent: least squares on "
+                                    "log-log points."))
+    if "memory" in images:
+        blocks.append(Block("image", (images["memory"], "Peak extra memory against N, log-log")))
+    if "error_vs_n" in images:
+        blocks.append(Block("heading", "Error against sequence length"))
+        blocks.append(Block("image", (images["error_vs_n"], "Relative error of O and dQ against N")))
+    blocks.append(Block("heading", "Worst case found by targeted search"))
+    for spec, entry in data["implementations"].items():
+        w = entry.get("worst")
+        if not w:
+            continue
+        if "error" in w and "case" not in w:
+            blocks.append(Block("text", f"**{spec}**: the search stopped: {w['error']}"))
+            continue
+        blocks.append(Block("text", f"**{spec}**: {w['tensor']} at {w['bound_ratio']:.3f} of its bound "
+                                    f"(relative error {w['rel_fro']:.2e}, naive ratio "
+                                    f"{_fmt(w['reference_ratio'], '.2f')}) on `{w['case']}`"))
+        blocks.append(Block("code", w["reproducer"]))
+    blocks.append(Block("heading", "Every case"))
+    for spec, entry in data["implementations"].items():
+        rows = []
+        for label, tensors in entry["errors"].items():
+            if "raised" in tensors:
+                rows.append([label, *[""] * len(TENSORS), "FAIL: " + tensors["raised"], ""])
+                continue
+            cells = [f"{tensors[t]['rel_fro']:.2e} ({tensors[t]['bound_ratio']:.2f})" if t in tensors else ""
+                     for t in TENSORS]
+            fails = [f for t in tensors.values() for f in t["failures"]]
+            marks = [verdicts.get((spec, label, t)) for t in TENSORS]
+            rows.append([label, *cells, "FAIL: " + "; ".join(fails) if fails else "pass",
+                         _baseline_cell(marks, baseline)])
+        blocks.append(Block("details", (f"{spec}: {len(rows)} cases (relative error (bound ratio))",
+                                        (rows, ["case", *TENSORS, "verdict", "vs baseline"]))))
+    return blocks
+
+
+def _baseline_cell(marks, baseline) -> str:
+    if not baseline:
+        return "-"
+    for word in ("regressed", "missing", "improved"):
+        if word in marks:
+            return word
+    return "unchanged" if any(m == "unchanged" for m in marks) else "new"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def plots(data: dict) -> dict[str, bytes]:
+    """PNG bytes of the memory-scaling and error-vs-N plots (matplotlib, no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    entries = data["implementations"]
+    if any(e.get("memory") for e in entries.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        for ax, pass_name in zip(axes, ("forward", "forward+backward")):
+            minimum = None
+            for spec, e in entries.items():
+                m = e.get("memory", {}).get(pass_name)
+                if not m:
+                    continue
+                ax.loglog(m["n"], m["peak_bytes"], "o-", label=f"{spec} (exponent {m['exponent']:.2f})")
+                minimum = m
+            if minimum:
+                ax.loglog(minimum["n"], minimum["minimum_bytes"], "k--", label="physical minimum")
+            ax.set_title(f"{pass_name}")
+            if minimum:
+                _plain_n_ticks(ax, minimum["n"])
+            ax.set_xlabel("sequence length N (Nq = Nk)")
+            ax.set_ylabel("peak extra memory (bytes)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        out["memory"] = _png(fig, plt)
+    sweeps = [(spec, dtype, s) for spec, e in entries.items() for dtype, s in e.get("error_vs_n", {}).items()
+              if "raised" not in s]
+    if sweeps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        naive_drawn = set()
+        for ax, tensor in zip(axes, ("o", "dq")):
+            for spec, dtype, s in sweeps:
+                if tensor in s:
+                    ax.loglog(s["n"], s[tensor], "o-", label=f"{spec} {dtype}")
+                naive = s.get(f"{tensor}_naive")
+                if naive and None not in naive and (tensor, dtype) not in naive_drawn:
+                    naive_drawn.add((tensor, dtype))
+                    ax.loglog(s["n"], naive, ":", color="gray", label=f"naive {dtype} (same precision)")
+            _plain_n_ticks(ax, sweeps[0][2]["n"])
+            ax.set_title(f"{tensor.upper() if tensor == 'o' else 'dQ'}: dense, D={sweeps[0][2]['head_dim']}")
+            ax.set_xlabel("sequence length N (Nq = Nk)")
+            ax.set_ylabel("relative Frobenius error vs float64")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        out["error_vs_n"] = _png(fig, plt)
+    return out
+
+
+def _plain_n_ticks(ax, ns):
+    ax.set_xticks(ns, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in ns])
+    ax.minorticks_off()
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def _md_table(rows, header) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    parts = []
+    for b in blocks:
+        if b.kind == "heading":
+            parts.append("#" * b.level + " " + b.content)
+        elif b.kind == "text":
+            parts.append(b.content)
+        elif b.kind == "table":
+            parts.append(_md_table(*b.content))
+        elif b.kind == "image":
+            parts.append(f"![{b.content[1]}]({b.content[0]})")
+        elif b.kind == "code":
+            parts.append("```python\n" + b.content.strip() + "\n```")
+        elif b.kind == "details":
+            summary, table = b.content
+            parts.append(f"<details><summary>{summary}</summary>\n\n{_md_table(*table)}\n\n</details>")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;
+text-align:left}th{background:#f3f3f3}tr:nth-child(even){background:#fafafa}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:12px}img{max-width:100%}
+td:has(+ td), td{white-space:nowrap}.regressed{color:#b00;font-weight:bold}.improved{color:#070}"""
+
+
+def _html_table(rows, header) -> str:
+    def cell(c):
+        c = html.escape(str(c))
+        cls = {"regressed": "regressed", "improved": "improved"}.get(c)
+        return f'<td class="{cls}">{c}</td>' if cls else f"<td>{c}</td>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _inline(text: str) -> str:
+    """The little Markdown the text blocks use: **bold**, *italic*, `code`."""
+    import re
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    t = re.sub(r"\*(.+?)\*", r"<i>\1</i>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def to_html(blocks: list[Block], pngs: dict[str, bytes], files: dict[str, str]) -> str:
+    by_file = {files[k]: v for k, v in pngs.items()}
+    parts = []
+    for b in blocks:
+        if b.kind == "heading":
+            parts.append(f"<h{b.level}>{html.escape(b.content)}</h{b.level}>")
+        elif b.kind == "text":
+            parts.append(f"<p>{_inline(b.content)}</p>")
+        elif b.kind == "table":
+            parts.append(_html_table(*b.content))
+        elif b.kind == "image":
+            data = base64.b64encode(by_file[b.content[0]]).decode()
+            parts.append(f'<img alt="{html.escape(b.content[1])}" src="data:image/png;base64,{data}">')
+        elif b.kind == "code":
+            parts.append(f"<pre>{html.escape(b.content.strip())}</pre>")
+        elif b.kind == "details":
+            summary, table = b.content
+            parts.append(f"<details><summary>{html.escape(summary)}</summary>{_html_table(*table)}</details>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>flashverify report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def write(directory: str, data: dict, baseline: dict | None = None) -> dict[str, str]:
+    """Write report.{md,html,json} and the plots into `directory`; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    pngs = plots(data)
+    files = {name: f"{name}.png" for name in pngs}
+    for name, png in pngs.items():
+        with open(os.path.join(directory, files[name]), "wb") as f:
+            f.write(png)
+    blocks = build(data, baseline, files)
+    paths = {"md": os.path.join(directory, "report.md"), "html": os.path.join(directory, "report.html"),
+             "json": os.path.join(directory, "report.json")}
+    with open(paths["md"], "w") as f:
+        f.write(to_markdown(blocks))
+    with open(paths["html"], "w") as f:
+        f.write(to_html(blocks, pngs, files))
+    with open(paths["json"], "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return paths
