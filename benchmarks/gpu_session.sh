@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
-# One device-machine session: install without network, run the tests natively, the main job,
-# accuracy vs SDPA, and the speed benchmarks. Logs go to $OUT (or ./out).
+# Device-machine steps (no network there): install, then the named steps. Logs and results go
+# to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
+#   tests    the harness's tests, natively on the GPU
+#   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
+#   gate     flashverify golden check against the committed golden file of this GPU
+#   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
+#            measurement, merged), as $OUT/report.tgz
+#   props    the property suite: bundled kernel with the release profile, torch's kernels with ci
+#   bench    the speed grid (benchmarks/test_speed.py) and its summary
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step=${1:-all}
-if [[ $step == all || $step == tests ]]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -15
-fi
-if [[ $step == all || $step == verify ]]; then
-  flashverify verify --json "$OUT/verify.json" 2>&1 | tee "$OUT/verify.log" | tail -12
-fi
-if [[ $step == all || $step == accuracy ]]; then
-  python3 benchmarks/accuracy.py 2048 128 2>&1 | tee "$OUT/accuracy.log"
-fi
-if [[ $step == all || $step == bench ]]; then
-  python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py --benchmark-json="$OUT/bench.json" \
-    --benchmark-disable-gc >"$OUT/bench.log" 2>&1; tail -3 "$OUT/bench.log"
-  python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt"
-fi
+for step in "$@"; do
+  start=$SECONDS
+  case $step in
+    tests)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/tests.log" | tail -8 ;;
+    golden)
+      timeout 240 flashverify golden update 2>&1 | grep -v "errors \[" | tee "$OUT/golden.log"
+      cp golden/nvidia-*.json "$OUT/" ;;
+    gate)
+      timeout 240 flashverify golden check 2>&1 | grep -v "errors \[" | tee "$OUT/gate.log" | tail -20 ;;
+    report)
+      rm -rf rep && mkdir rep
+      timeout 300 flashverify report --impl flashverify --impl sdpa-flash --impl sdpa-efficient --impl naive \
+        --search-examples 30 --out rep/main 2>&1 | grep -v "errors \[" | tail -5
+      timeout 200 flashverify report --impl flex --search-examples 10 --out rep/flex 2>&1 | grep -v "errors \[" | tail -5
+      flashverify report --data rep/main/report.json --data rep/flex/report.json --out rep/h100 | tail -3
+      tar czf "$OUT/report.tgz" rep ;;
+    props)
+      timeout 330 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
+        --attn-profile release --attn-report "$OUT/props-release.json" 2>&1 | tee "$OUT/props-release.log" | tail -25
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
+        --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \
+        --attn-impl flex 2>&1 | tee "$OUT/props-torch.log" | tail -40 ;;
+    bench)
+      timeout 540 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py \
+        --benchmark-json="$OUT/bench.json" --benchmark-disable-gc >"$OUT/bench.log" 2>&1; tail -3 "$OUT/bench.log"
+      python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "== $step: $((SECONDS - start)) s"
+done

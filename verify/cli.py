@@ -73,8 +73,11 @@ def _baseline(args, device):
 def cmd_report(args) -> int:
     from . import report
     device = _device(args.device)
-    data = report.collect(args.impl or ["flashverify"], device, args.profile, args.search_examples,
-                          progress_factory=Progress)
+    if args.data:  # re-render (and merge) earlier measurements instead of measuring
+        data = report.merge([report.load_baseline(p) for p in args.data])
+    else:
+        data = report.collect(args.impl or ["flashverify"], device, args.profile, args.search_examples,
+                              progress_factory=Progress)
     paths = report.write(args.out, data, _baseline(args, device))
     print(f"Report: {paths['html']}\n        {paths['md']}\n        {paths['json']}")
     return 0
@@ -212,6 +215,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", metavar="DIR", default="flashverify-report")
     r.add_argument("--compare", metavar="PATH", help="baseline: an older report.json or a golden file "
                    "(default: this platform's golden file)")
+    r.add_argument("--data", action="append", default=[], metavar="REPORT_JSON",
+                   help="render from earlier report.json files (merged in order) instead of measuring")
     r.set_defaults(func=cmd_report)
     g = sub.add_parser("golden", help="the golden-result gate: check a fresh run against golden/, or update it")
     g.add_argument("action", choices=("check", "update"))

@@ -115,6 +115,19 @@ def worst_case(impl, spec, device, examples: int) -> dict | None:
     return worst or None
 
 
+def merge(reports: list[dict]) -> dict:
+    """Several report measurements of one platform as one (later implementations win)."""
+    if not reports or any(r.get("schema") != SCHEMA for r in reports):
+        raise golden.GoldenError("--data takes report.json files written by flashverify report")
+    platforms = {r["platform"] for r in reports}
+    if len(platforms) > 1:
+        raise golden.GoldenError(f"cannot merge reports of different platforms: {sorted(platforms)}")
+    merged = dict(reports[0], implementations={})
+    for r in reports:
+        merged["implementations"].update(r["implementations"])
+    return merged
+
+
 # --- comparing with a baseline ------------------------------------------------------------------
 
 def baseline_verdicts(data: dict, baseline: dict | None) -> dict:
