@@ -7,7 +7,7 @@
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
 #            measurement, merged), as $OUT/report.tgz
 #   props    the property suite: bundled kernel with the release profile, torch's kernels with ci
-#   bench    the speed grid (benchmarks/test_speed.py) and its summary
+#   bench-fp16, bench-bf16   half the speed grid each (one 10-minute call each), with the floors
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -37,10 +37,13 @@ for step in "$@"; do
       timeout 240 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
         --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \
         --attn-impl flex 2>&1 | tee "$OUT/props-torch.log" | tail -40 ;;
-    bench)
-      timeout 540 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py \
-        --benchmark-json="$OUT/bench.json" --benchmark-disable-gc >"$OUT/bench.log" 2>&1; tail -3 "$OUT/bench.log"
-      python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt" ;;
+    bench-fp16|bench-bf16)
+      dt=${step#bench-}
+      python3 benchmarks/floors.py "$OUT/floors.json" >/dev/null
+      timeout 520 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "$dt" \
+        --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
+      tail -3 "$OUT/bench-$dt.log"
+      python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

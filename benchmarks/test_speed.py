@@ -1,8 +1,13 @@
-"""Speed of the bundled kernel vs torch SDPA backends, in one process (GPU only).
+"""Speed of the bundled kernel against torch's attention kernels, in one process (GPU only).
+
+Grid (issue 8): fp16 and bf16, D in {64, 128}, dense and causal, N in {1K, 4K, 16K} (B = 32K / N
+sequences of H = 16 heads, so every N does the same number of tokens), forward and backward;
+implementations: flashverify, SDPA flash / efficient / cuDNN, FlexAttention (compiled).
 
 Run: pytest benchmarks/test_speed.py --benchmark-json=bench.json, then
-python benchmarks/summarize.py bench.json for TFLOP/s and ratios to SDPA.
+python benchmarks/summarize.py bench.json [--floors floors.json] for TFLOP/s and ratios.
 FLOPs follow FlashAttention-2: forward 4 B H N^2 D (halved when causal), backward 2.5x that.
+GPU name, torch and triton versions are saved in the JSON's machine_info (benchmarks/conftest.py).
 """
 
 import pytest
@@ -11,7 +16,7 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks run on a GPU only")
 
-B, H, N = 2, 16, 16384
+TOKENS, H = 32768, 16
 
 
 def _ours(q, k, v, causal):
@@ -28,31 +33,51 @@ def _sdpa(backend):
     return run
 
 
-IMPLS = {"flashverify": _ours, "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION")}
+_flex_state = {}
 
 
-def _inputs(d, dtype):
+def _flex(q, k, v, causal):
+    """FlexAttention as users run it: compiled, with a block mask for causal (masked blocks skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _flex_state:
+        _flex_state["fn"] = torch.compile(flex_attention)
+    block_mask = None
+    if causal:
+        key = (q.shape[2], k.shape[2])
+        if key not in _flex_state:
+            _flex_state[key] = create_block_mask(lambda b, h, i, j: i >= j, None, None, *key, device=q.device)
+        block_mask = _flex_state[key]
+    return _flex_state["fn"](q, k, v, block_mask=block_mask)
+
+
+IMPLS = {"flashverify": _ours, "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"), "flex": _flex}
+
+
+def _inputs(b, n, d, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
-    return [torch.randn(B, H, N, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+    return [torch.randn(b, H, n, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
 
 
-def _flops(d, causal, direction):
-    f = 4.0 * B * H * N * N * d / (2 if causal else 1)
+def flops(b, n, d, causal, direction):
+    f = 4.0 * b * H * n * n * d / (2 if causal else 1)
     return f * (2.5 if direction == "bwd" else 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
+@pytest.mark.parametrize("n", [1024, 4096, 16384], ids=["N1K", "N4K", "N16K"])
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128], ids=["D64", "D128"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_speed(benchmark, impl, direction, d, causal, dtype):
-    q, k, v = _inputs(d, dtype)
+def test_speed(benchmark, impl, direction, dtype, d, causal, n):
+    b = TOKENS // n
+    q, k, v = _inputs(b, n, d, dtype)
     fn = IMPLS[impl]
     try:
         o = fn(q, k, v, causal)
     except RuntimeError as e:  # a backend torch does not offer on this GPU/build
-        pytest.skip(f"{impl} unavailable: {e}")
+        pytest.skip(f"{impl} unavailable: {str(e)[:200]}")
     do = torch.randn_like(o)
     if direction == "fwd":
         def step():
@@ -65,7 +90,6 @@ def test_speed(benchmark, impl, direction, d, causal, dtype):
             torch.cuda.synchronize()
     step()
     benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
-    flops = _flops(d, causal, direction)
-    benchmark.extra_info.update(impl=impl, direction=direction, d=d, causal=causal, dtype=str(dtype),
-                                B=B, H=H, N=N, flops=flops, tflops=flops / benchmark.stats["median"] / 1e12,
-                                gpu=torch.cuda.get_device_name())
+    f = flops(b, n, d, causal, direction)
+    benchmark.extra_info.update(impl=impl, direction=direction, d=d, causal=causal, dtype=str(dtype), B=b, H=H,
+                                N=n, flops=f, tflops=f / benchmark.stats["median"] / 1e12)

@@ -59,7 +59,7 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
     defect (it multiplies the raw uint16 bits).
     """
     if INTERPRETING:
-        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+        return tl.dot(_widen(a).to(tl.float64), _widen(b).to(tl.float64)).to(tl.float32)
     if DOT_PRECISION == "tf32":
         a = _round_to_tf32(a)
         b = _round_to_tf32(b)
@@ -68,13 +68,27 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _cast(x, dtype: tl.constexpr):
-    """float32 -> dtype, rounding to nearest even on every backend."""
+    """float32 -> dtype, rounding to nearest even on every backend.
+
+    The interpreter (triton 3.8.0) truncates float32 -> bf16 and garbles bf16 subnormals, so
+    there the bf16 bits are formed by hand: round the float32 bits to nearest even, keep the top half.
+    """
     if INTERPRETING:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _widen(x):
+    """x as float32, exactly. The interpreter (triton 3.8.0) converts bf16 subnormals wrongly
+    (2.02e-39 -> 4.41e-39), so there bf16 is widened through its bits."""
+    if INTERPRETING:
+        if x.dtype == tl.bfloat16:
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -123,7 +137,7 @@ def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, sm
         keep = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0)
         allowed = allowed & (keep != 0)
     if MASK_KIND == MASK_ADD:
-        bias = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0).to(tl.float32)
+        bias = _widen(tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0))
         if PRECISE_EXP:
             s2 = s2 + bias
         else:
@@ -231,7 +245,7 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
     ok = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(_widen(o) * _widen(do), 1)
     tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
 
 

@@ -110,8 +110,9 @@ def test_causal_alignment_with_unequal_lengths(attn_impl, attn_env):
     """With Nq != Nk, causal masking follows the declared alignment (top-left vs bottom-right)."""
     impl, env = attn_impl, attn_env
     require(impl, "causal")
-    strategy = cases_for(impl, env, dropout=False).filter(lambda c: c.seqlen_q != c.seqlen_k).map(
-        lambda c: c.replace(causal=True, window=None))
+    strategy = st.tuples(cases_for(impl, env, dropout=False).filter(lambda c: c.seqlen_q != c.seqlen_k),
+                         st.sampled_from(impl.capabilities.causal_alignments)).map(
+        lambda t: t[0].replace(causal=True, causal_alignment=t[1], window=None))
 
     @for_all(impl, env, strategy, "causal_alignment")
     def check(case):

@@ -206,3 +206,17 @@ def test_output_shapes_and_dtypes(device):
     o, lse = attention(x.q, x.k, x.v, return_lse=True)
     assert o.shape == x.q.shape and o.dtype == torch.bfloat16 and o.device == x.q.device
     assert lse.shape == (1, 4, 9) and lse.dtype == torch.float32
+
+
+def test_bf16_subnormal_gradients(device):
+    """Large logits push P.dO into bf16's subnormal range (dV ~ 1e-39). Triton 3.8's interpreter
+    garbles bf16 subnormals in casts (dV came back 2.5x too large, 13.7x its bound); the
+    kernel forms bf16 through its bits there."""
+    from flashverify.case import Case
+    from flashverify.evaluate import evaluate
+    from flashverify.impls import BUNDLED
+    case = Case(batch=2, seqlen_q=32, seqlen_k=32, head_dim=48, dtype="bfloat16", causal=True, scale=1.6129,
+                distribution="large_logits")
+    x = case.inputs(device)
+    checks = evaluate(case, x, BUNDLED.run(case, x))
+    assert not [f for c in checks for f in c.failures]

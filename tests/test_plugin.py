@@ -68,3 +68,14 @@ def test_misbehaving_implementations_are_named_and_the_run_goes_on(pytester):
         "*FAILED*output_shape_dtype_device*output has shape*expected*",
         "*FAILED*inputs_not_mutated*q was modified by the call*",
     ])
+
+
+def test_worked_adapter_example_runs(pytester, monkeypatch):
+    """docs/examples/flash_attn_style.py: the adapter documented in docs/adapters.md works as written."""
+    import pathlib
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "docs" / "examples"))
+    result = _run(pytester, "--attn-impl=flash_attn_style:FlashAttnAdapter", "-k",
+                  "forward_within or causal_alignment or fully_masked or dropout_seeds", "-rs")
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines_random(["*flash-attn-style does not declare key_lengths*",
+                                        "*flash-attn-style does not declare deterministic_dropout*"])

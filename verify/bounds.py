@@ -48,7 +48,8 @@ FORWARD_REFERENCE_RATIO = 2.0
 BACKWARD_REFERENCE_RATIO = 3.0
 # A tensor the naive computation cannot resolve - its relative error at least this - has no
 # meaningful relative error to compare (dQ with one key is exactly 0; the float64 oracle holds
-# ~1e-16 of noise there): only the a-priori bound judges it.
+# ~1e-16 of noise there): only the a-priori bound judges it. Likewise a tensor whose exact norm is
+# below its a-priori bound's norm (it cancels to less than rounding noise: evaluate._check).
 UNRESOLVED_NAIVE_ERROR = 0.5
 # The ratio is *judged* where the naive error is dominated by low-precision operands (fp16, bf16,
 # tf32) - the setting of FlashAttention's criterion. For IEEE float32 it is reported only: there
