@@ -48,7 +48,8 @@ def dtypes(allowed=ALL_DTYPES) -> st.SearchStrategy[str]:
 
 
 def distributions() -> st.SearchStrategy[str]:
-    """normal, uniform, large logits, FlashAttention-3's outlier mix, near one-hot, constant rows."""
+    """normal, uniform, large logits, underflowing probabilities, FlashAttention-3's outlier mix,
+    near one-hot, constant rows."""
     return st.sampled_from(DISTRIBUTIONS)
 
 

@@ -15,7 +15,7 @@ import torch
 from .oracles import Masking
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DISTRIBUTIONS = ("normal", "uniform", "large_logits", "outliers", "one_hot", "constant_rows")
+DISTRIBUTIONS = ("normal", "uniform", "large_logits", "underflow", "outliers", "one_hot", "constant_rows")
 MASK_KINDS = (None, "bool", "additive")
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -92,6 +92,8 @@ class Case:
         x = torch.randn(shape, generator=gen)
         if d == "large_logits":
             return x * 4.0  # scores ~ 16x larger than normal's: softmax near one-hot, exp far from 1
+        if d == "underflow":
+            return x * 8.0  # scores ~ 64x: most P underflow float32, some land in the subnormals (flush-to-zero)
         if d == "outliers":  # FlashAttention-3's mix: N(0,1) + N(0,100) * Bernoulli(0.001)
             spikes = torch.randn(shape, generator=gen) * 10.0
             return x + spikes * (torch.rand(shape, generator=gen) < 0.001)
