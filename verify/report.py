@@ -287,52 +287,57 @@ def _bytes(n: int) -> str:
 # --- plots --------------------------------------------------------------------------------------
 
 def plots(data: dict) -> dict[str, bytes]:
-    """PNG bytes of the memory-scaling and error-vs-N plots (matplotlib, no display needed)."""
+    """PNG bytes of the memory-scaling and error-vs-N plots (matplotlib, no display needed).
+    One colour per implementation in both; in the error plot the line style tells the dtype."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = {}
     entries = data["implementations"]
+    colour = {spec: f"C{i}" for i, spec in enumerate(entries)}
     if any(e.get("memory") for e in entries.values()):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
         for ax, pass_name in zip(axes, ("forward", "forward+backward")):
             minimum = None
             for spec, e in entries.items():
                 m = e.get("memory", {}).get(pass_name)
                 if not m:
                     continue
-                ax.loglog(m["n"], m["peak_bytes"], "o-", label=f"{spec} (exponent {m['exponent']:.2f})")
+                ax.loglog(m["n"], m["peak_bytes"], "o-", color=colour[spec],
+                          label=f"{spec} (exponent {m['exponent']:.2f})")
                 minimum = m
             if minimum:
                 ax.loglog(minimum["n"], minimum["minimum_bytes"], "k--", label="physical minimum")
-            ax.set_title(f"{pass_name}")
-            if minimum:
                 _plain_n_ticks(ax, minimum["n"])
+            ax.set_title(f"{pass_name}: peak extra memory")
             ax.set_xlabel("sequence length N (Nq = Nk)")
-            ax.set_ylabel("peak extra memory (bytes)")
+            ax.set_ylabel("bytes")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         out["memory"] = _png(fig, plt)
     sweeps = [(spec, dtype, s) for spec, e in entries.items() for dtype, s in e.get("error_vs_n", {}).items()
               if "raised" not in s]
     if sweeps:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-        naive_drawn = set()
+        style = {"float16": ("-", "o"), "bfloat16": ("--", "s")}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
         for ax, tensor in zip(axes, ("o", "dq")):
+            drawn = set()
             for spec, dtype, s in sweeps:
+                line, marker = style[dtype]
                 if tensor in s:
-                    ax.loglog(s["n"], s[tensor], "o-", label=f"{spec} {dtype}")
+                    ax.loglog(s["n"], s[tensor], line, marker=marker, color=colour[spec], label=f"{spec} {dtype}")
                 naive = s.get(f"{tensor}_naive")
-                if naive and None not in naive and (tensor, dtype) not in naive_drawn:
-                    naive_drawn.add((tensor, dtype))
-                    ax.loglog(s["n"], naive, ":", color="gray", label=f"naive {dtype} (same precision)")
+                if "naive" not in entries and naive and None not in naive and dtype not in drawn:
+                    drawn.add(dtype)   # the naive low-precision error for scale, once per dtype
+                    ax.loglog(s["n"], naive, line, color="gray", alpha=0.6, label=f"naive {dtype} (reference)")
             _plain_n_ticks(ax, sweeps[0][2]["n"])
-            ax.set_title(f"{tensor.upper() if tensor == 'o' else 'dQ'}: dense, D={sweeps[0][2]['head_dim']}")
+            ax.set_title(f"{'O' if tensor == 'o' else 'dQ'}: dense, D={sweeps[0][2]['head_dim']}")
             ax.set_xlabel("sequence length N (Nq = Nk)")
             ax.set_ylabel("relative Frobenius error vs float64")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
         out["error_vs_n"] = _png(fig, plt)
     return out
 
