@@ -79,3 +79,21 @@ def test_worked_adapter_example_runs(pytester, monkeypatch):
     result.assert_outcomes(passed=2, skipped=2)
     result.stdout.fnmatch_lines_random(["*flash-attn-style does not declare key_lengths*",
                                         "*flash-attn-style does not declare deterministic_dropout*"])
+
+
+def test_summary_and_report_survive_pytest_xdist(pytester, tmp_path):
+    """With -n N the properties run in workers; the summary and JSON come from the controller."""
+    import pathlib
+
+    import pytest
+    pytest.importorskip("xdist")
+    tests_dir = str(pathlib.Path(__file__).parent)   # workers are new processes: broken_impls must be importable
+    pytester.makeconftest(f"import sys\nsys.path.insert(0, {tests_dir!r})\n")
+    report = tmp_path / "report.json"
+    result = _run(pytester, "-n", "2", "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
+                  "-k", "fully_masked or forward_within", f"--attn-report={report}")
+    result.assert_outcomes(passed=2, failed=2)   # NaN rows also break forward_within_bounds
+    result.stdout.fnmatch_lines_random(["*FAILED*fully_masked_rows_give_zero*NaN in the output*",
+                                        "*PASSED*forward_within_bounds*worst o error/bound*"])
+    records = json.loads(report.read_text())["results"]
+    assert len(records) == 4 and {r["outcome"] for r in records} == {"passed", "failed"}

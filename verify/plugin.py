@@ -73,6 +73,7 @@ _XFAILS = pytest.StashKey[dict]()
 
 def pytest_configure(config):
     _register_profiles()
+    config.pluginmanager.register(_Summary(), "flashverify-summary")
     config.stash[_XFAILS] = _xfails_file(config)
     for spec in config.getoption("--attn-impl"):
         if ":" not in spec and spec not in BUILTIN_IMPLEMENTATIONS:
@@ -170,15 +171,35 @@ def _attn_expected_failure(request):
 
 
 # --- run summary ------------------------------------------------------------------------------
+# The outcome of each property is worked out where it ran (pytest_runtest_makereport) and rides
+# on the report's user_properties, which pytest-xdist ships to the controller; the controller
+# collects them (pytest_runtest_logreport) and prints the summary. So `-n 8` works too.
 
-_OUTCOMES = pytest.StashKey[dict]()   # per session: (spec, property) -> (outcome, detail[, reproducer])
+_USER_PROPERTY = "flashverify"
 
 
 def _property_and_spec(item):
     spec = getattr(item, "callspec", None)
     if spec is None or "attn_impl" not in spec.params:
         return None
-    return spec.params["attn_impl"], item.originalname or item.name
+    return spec.params["attn_impl"], (item.originalname or item.name).removeprefix("test_")
+
+
+def _outcome(report) -> tuple[str, str, str | None]:
+    if hasattr(report, "wasxfail") and report.skipped:
+        return "xfail", report.wasxfail, None
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return "skipped", reason.removeprefix("Skipped: "), None
+    if report.failed:
+        text = str(report.longrepr)
+        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")),
+                     text.splitlines()[0] if text else "failed")
+        repro = text[text.find("# flashverify reproducer"):] if "# flashverify reproducer" in text else None
+        return "failed", first, repro and repro.split("\nYou can reproduce")[0].replace("\nE   ", "\n")
+    if hasattr(report, "wasxfail"):
+        return "xpassed", report.wasxfail, None
+    return "passed", "", None
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -188,46 +209,43 @@ def pytest_runtest_makereport(item, call):
     key = _property_and_spec(item)
     if key is None or (report.when != "call" and not report.skipped and not report.failed):
         return
-    outcomes = item.config.stash.setdefault(_OUTCOMES, {})
-    if hasattr(report, "wasxfail") and report.skipped:
-        outcomes[key] = ("xfail", report.wasxfail)
-    elif report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        outcomes[key] = ("skipped", reason.removeprefix("Skipped: "))
-    elif report.failed:
-        text = str(report.longrepr)
-        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")),
-                     text.splitlines()[0] if text else "failed")
-        repro = text[text.find("# flashverify reproducer"):] if "# flashverify reproducer" in text else ""
-        outcomes[key] = ("failed", first, repro.split("\nYou can reproduce")[0].replace("\nE   ", "\n"))
-    elif report.when == "call":
-        outcomes[key] = ("passed", "")
+    status, detail, repro = _outcome(report)
+    worst = WORST.get(key)
+    report.user_properties.append((_USER_PROPERTY, {
+        "implementation": key[0], "property": key[1], "outcome": status, "detail": detail, "reproducer": repro,
+        "worst_bound_ratio": worst[0] if worst else None, "worst_tensor": worst[1] if worst else None,
+        "worst_case": worst[2].as_dict() if worst else None}))
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    outcomes = config.stash.get(_OUTCOMES, {})
-    if not outcomes:
-        return
-    tr = terminalreporter
-    tr.section("flashverify: properties per implementation")
-    records = []
-    for spec in sorted({s for s, _ in outcomes}):
-        tr.write_line(f"{spec}")
-        for (s, prop), (status, detail, *rest) in sorted(outcomes.items()):
-            if s != spec:
-                continue
-            worst = WORST.get((spec, prop.removeprefix("test_")))
-            worst_text = f"  worst {worst[1]} error/bound {worst[0]:.3g}" if worst else ""
-            tr.write_line(f"  {status.upper():8s} {prop.removeprefix('test_')}{worst_text}"
-                          + (f"  - {detail}" if detail else ""))
-            records.append({"implementation": spec, "property": prop.removeprefix("test_"), "outcome": status,
-                            "detail": detail, "reproducer": rest[0] if rest else None,
-                            "worst_bound_ratio": worst[0] if worst else None,
-                            "worst_tensor": worst[1] if worst else None,
-                            "worst_case": worst[2].as_dict() if worst else None})
-    path = config.getoption("--attn-report")
-    if path:
-        import json
-        with open(path, "w") as f:
-            json.dump({"schema": "flashverify.property-report/1", "results": records}, f, indent=1)
-        tr.write_line(f"report written to {path}")
+class _Summary:
+    """Per-run collector (one per pytest config, so pytester's nested runs keep their own)."""
+
+    def __init__(self):
+        self.outcomes: dict = {}   # (spec, property) -> record
+
+    def pytest_runtest_logreport(self, report):
+        for name, record in report.user_properties:
+            if name == _USER_PROPERTY:
+                self.outcomes[(record["implementation"], record["property"])] = record
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if not self.outcomes:
+            return
+        tr = terminalreporter
+        tr.section("flashverify: properties per implementation")
+        records = []
+        for spec in sorted({s for s, _ in self.outcomes}):
+            tr.write_line(f"{spec}")
+            for (s, prop), r in sorted(self.outcomes.items()):
+                if s != spec:
+                    continue
+                worst = (f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}"
+                         if r["worst_bound_ratio"] is not None else "")
+                tr.write_line(f"  {r['outcome'].upper():8s} {prop}{worst}" + (f"  - {r['detail']}" if r["detail"] else ""))
+                records.append(r)
+        path = config.getoption("--attn-report")
+        if path:
+            import json
+            with open(path, "w") as f:
+                json.dump({"schema": "flashverify.property-report/1", "results": records}, f, indent=1)
+            tr.write_line(f"report written to {path}")
