@@ -183,11 +183,21 @@ class Change:
         if self.verdict == "missing":
             return f"{self.implementation}: {self.where} {self.metric}: in the golden file, not measured now"
         change = (self.fresh / self.golden - 1) * 100 if self.golden else math.inf
+        if self.metric == "peak_bytes":
+            return (f"{self.implementation}: {self.where} {self.metric} {human_bytes(self.golden)} -> "
+                    f"{human_bytes(self.fresh)} ({change:+.1f}%) {self.verdict}")
         if self.metric == "exponent":
             return (f"{self.implementation}: {self.where} {self.metric} {self.golden:.3f} -> {self.fresh:.3f} "
                     f"({self.fresh - self.golden:+.3f}) {self.verdict}")
         return (f"{self.implementation}: {self.where} {self.metric} {self.golden:.4g} -> {self.fresh:.4g} "
                 f"({change:+.1f}%) {self.verdict}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _verdict(golden: float, fresh: float, slack: float, floor: float = 0.0) -> str:

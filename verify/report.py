@@ -224,7 +224,7 @@ def build(data: dict, baseline: dict | None, images: dict) -> list[Block]:
             mem_rows.append([spec, "-", "not measured here: " + entry["memory_error"], "", "", "", ""])
         for pass_name, m in entry.get("memory", {}).items():
             mem_rows.append([spec, pass_name, f"{m['exponent']:.3f}", f"{m['residual']:.3f}",
-                             f"{m['n'][-1]}", _bytes(m["peak_bytes"][-1]), f"{m['min_ratio']:.3f}"])
+                             f"{m['n'][-1]}", golden.human_bytes(m["peak_bytes"][-1]), f"{m['min_ratio']:.3f}"])
     blocks.append(Block("table", (mem_rows, ["implementation", "pass", "fitted exponent", "fit residual (log2)",
                                              "largest N", "peak there", "peak / physical minimum"])))
     case = next((m["case"] for e in data["implementations"].values() for m in e.get("memory", {}).values()), None)
@@ -275,13 +275,6 @@ def _baseline_cell(marks, baseline) -> str:
         if word in marks:
             return word
     return "unchanged" if any(m == "unchanged" for m in marks) else "new"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 # --- plots --------------------------------------------------------------------------------------
