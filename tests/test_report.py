@@ -67,3 +67,16 @@ def test_an_implementation_that_raises_is_reported_and_the_report_goes_on(tmp_pa
     assert all("output has shape" in e["raised"] for e in errors.values())
     md = report.to_markdown(report.build(data, None, {}))
     assert "FAIL: " in md and "output has shape" in md
+
+
+def test_main_job_passes_and_points_at_its_report(tmp_path, capsys, device):
+    """`flashverify verify` (the README's main command) on this machine's profile: every case
+    passes, the summary is printed, and the report it points at compares clean with the golden."""
+    out_dir = tmp_path / "main-job"
+    assert main(["verify", "--device", device, "--report", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 failed" in printed and f"Report: {out_dir}/report.html" in printed
+    md = (out_dir / "report.md").read_text()
+    assert "| flashverify | float16 | o |" in md
+    if "| Baseline | none |" not in md:          # this platform has a golden file: nothing regressed
+        assert "| regressed |" not in md and "| unchanged |" in md
