@@ -93,6 +93,10 @@ class Implementation:
         """The (B, Hq, Nq, Nk) bool keep-mask used for case.dropout_p > 0, if observable."""
         return None
 
+    def prepare(self, case: Case, inputs: Inputs) -> None:
+        """Work a user does once per problem, not per call (block masks, compilation): memory
+        measurements call it first, so it stays out of the measured peak."""
+
     def run(self, case: Case, inputs: Inputs, backward: bool = True) -> Outputs:
         """Call the implementation once (forward, then backward with inputs.do); check what came back."""
         if getattr(self, "hung", None):  # a hung kernel may have wedged the device: do not call again

@@ -73,6 +73,11 @@ def peak_extra_bytes(impl, case: Case, device, backward: bool) -> int:
     """Peak bytes one forward (and backward) allocates beyond its inputs (q, k, v, dO, masks),
     outputs and gradients included: what a user must have free to run it."""
     inputs = case.inputs(device)
+    impl.prepare(case, inputs)
+    if torch.device(device).type == "cuda":  # warm-up: compilation and autotuning allocate too
+        warm = [t.detach().clone().requires_grad_(backward) for t in (inputs.q, inputs.k, inputs.v)]
+        _forward_backward(impl, case, inputs, *warm, backward)
+        del warm
     q, k, v = (t.detach().clone().requires_grad_(backward) for t in (inputs.q, inputs.k, inputs.v))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
