@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,17 +40,11 @@ def cmd_verify(args) -> int:
         for r in reasons:
             print(f"    {r}")
     print("\nSummary: worst over cases, per dtype and tensor (relative error / bound ratio / naive ratio)")
-    for dtype in ("float16", "bfloat16", "float32"):
-        rows = [tensors for label, tensors in errors.items() if f"/{dtype}/" in label and "raised" not in tensors]
-        if not rows:
-            continue
-        parts = []
-        for t in TENSORS:
-            rel = max(r[t]["rel_fro"] for r in rows)
-            b = max(r[t]["bound_ratio"] for r in rows)
-            refs = [r[t]["reference_ratio"] for r in rows if r[t]["reference_ratio"] is not None]
-            parts.append(f"{t} {rel:.1e}/{b:.2f}/{max(refs):.2f}" if refs else f"{t} {rel:.1e}/{b:.2f}/n/a")
-        print(f"  {dtype:9s} " + "   ".join(parts))
+    for dtype, tensors in report.worst_by_dtype(errors).items():
+        print(f"  {dtype:9s} " + "   ".join(
+            f"{t} {w['rel_fro']:.1e}/{w['bound_ratio']:.2f}/"
+            + ("n/a" if w["reference_ratio"] is None else f"{w['reference_ratio']:.2f}")
+            for t, w in tensors.items()))
     for pass_name, m in data["implementations"]["flashverify"].get("memory", {}).items():
         print(f"  memory {pass_name}: exponent {m['exponent']:.3f} in N, {m['min_ratio']:.3f}x the physical "
               f"minimum at N={m['n'][-1]}")
@@ -113,27 +106,19 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def measure(specs, device, with_errors=True, with_memory=True, error_profile=None) -> dict:
-    """Fresh golden-layout results for each implementation spec: errors on the profile's cases
-    and memory scaling."""
+def measure(specs, device, with_errors=True, with_memory=True) -> dict:
+    """Fresh golden-layout results for each implementation spec, on this machine's case profile."""
     from . import golden
     from .impls import load
     from .profiles import profile
 
-    cases = profile(error_profile or ("gpu" if device == "cuda" else "cpu"))
+    cases = profile("gpu" if golden.device_kind(device) == "cuda" else "cpu") if with_errors else None
     out = {}
     for spec in specs:
-        impl = load(spec, device=device)
-        entry = {}
-        if with_errors:
-            bar = Progress(len(cases), f"{spec} errors")
-            entry["errors"] = golden.collect_errors(impl, cases, device, progress=bar)
-        if with_memory:
-            try:
-                entry["memory"] = golden.collect_memory(impl, device)
-            except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker
-                print(f"{spec}: memory not measurable here: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-        out[spec] = entry
+        bar = Progress(len(cases), f"{spec} errors") if cases else None
+        out[spec] = golden.measure(load(spec, device=device), device, cases, with_memory, progress=bar)
+        if "memory_error" in out[spec]:
+            print(f"{spec}: memory not measurable here: {out[spec]['memory_error']}", file=sys.stderr)
     return out
 
 

@@ -56,22 +56,24 @@ def path_for(platform: str, directory: str | None = None) -> str:
     return os.path.join(directory or golden_dir(), f"{platform}.json")
 
 
-def read(path: str) -> dict:
-    """The golden file at `path`, validated; GoldenError says what is wrong and how to fix it."""
+def read(path: str, schemas: tuple = (SCHEMA,), what: str = "golden file",
+         remedy: str = "restore it from git or rewrite it with `flashverify golden update`") -> dict:
+    """The golden file at `path` (or another `what` of the golden layout: `schemas`), validated;
+    GoldenError says what is wrong and how to fix it."""
     if not os.path.exists(path):
-        raise GoldenError(f"no golden file {path}: create it with `flashverify golden update`")
+        raise GoldenError(f"no {what} {path}" + (": create it with `flashverify golden update`"
+                                                  if what == "golden file" else ""))
     try:
         with open(path) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GoldenError(f"golden file {path} is not valid JSON ({e}); restore it from git or rewrite it "
-                          f"with `flashverify golden update`") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise GoldenError(f"{what} {path} is not valid JSON ({e}); {remedy}") from None
+    if not isinstance(data, dict) or data.get("schema") not in schemas:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise GoldenError(f"golden file {path} has schema {found!r}, this flashverify reads {SCHEMA!r}; "
-                          f"rewrite it with `flashverify golden update`")
+        raise GoldenError(f"{what} {path} has schema {found!r}, this flashverify reads "
+                          f"{' or '.join(map(repr, schemas))}; {remedy}")
     if not isinstance(data.get("implementations"), dict):
-        raise GoldenError(f"golden file {path} has no 'implementations' object")
+        raise GoldenError(f"{what} {path} has no 'implementations' object")
     return data
 
 
@@ -130,29 +132,44 @@ def memory_base(device):
     """The memory-scaling problem: causal fp16, as in the H100 anchors (B=1, H=8, D=64) on a GPU,
     scaled down for the interpreter."""
     from .case import Case
-    if _device_type(device) == "cuda":
+    if device_kind(device) == "cuda":
         return Case(batch=1, heads_q=8, heads_kv=8, head_dim=64, dtype="float16", causal=True)
     return Case(batch=1, heads_q=2, heads_kv=2, head_dim=32, dtype="float16", causal=True)
 
 
-def _device_type(device) -> str:
+def device_kind(device) -> str:
+    """'cuda' or 'cpu' (Triton's interpreter): what sizes and case profiles are keyed by."""
     import torch
-    return torch.device(device).type
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
 
 
 def collect_memory(impl, device, ns=None) -> dict:
     """'forward' / 'forward+backward' -> memory.Scaling as a dict (plus the base case)."""
     from .memory import scaling
-    if _device_type(device) == "cpu" and getattr(impl, "cpu_memory_untracked", None):
+    if device_kind(device) == "cpu" and getattr(impl, "cpu_memory_untracked", None):
         raise NotImplementedError(impl.cpu_memory_untracked)
     base = memory_base(device)
-    ns = ns or MEMORY_NS["cuda" if _device_type(device) == "cuda" else "cpu"]
+    ns = ns or MEMORY_NS[device_kind(device)]
     out = {}
     for name, backward in (("forward", False), ("forward+backward", True)):
         if backward and not impl.capabilities.backward:
             continue
         out[name] = {**scaling(impl, base, ns, device, backward).as_dict(), "case": base.as_dict()}
     return out
+
+
+def measure(impl, device, cases: dict | None, with_memory: bool = True, progress=None) -> dict:
+    """One implementation's golden-layout entry: errors on `cases` (None: skip) and memory
+    scaling; memory that cannot be measured here is recorded as 'memory_error' and the run goes on."""
+    entry = {}
+    if cases is not None:
+        entry["errors"] = collect_errors(impl, cases, device, progress=progress)
+    if with_memory:
+        try:
+            entry["memory"] = collect_memory(impl, device)
+        except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker: say so, go on
+            entry["memory_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return entry
 
 
 def environment(device) -> dict:
@@ -164,7 +181,7 @@ def environment(device) -> dict:
     from . import __version__
     return {"flashverify": __version__, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if _device_type(device) == "cuda" else "cpu (Triton interpreter)"}
+            "device": torch.cuda.get_device_name() if device_kind(device) == "cuda" else "cpu (Triton interpreter)"}
 
 
 # --- the gate -----------------------------------------------------------------------------------

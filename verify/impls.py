@@ -82,7 +82,7 @@ class Implementation:
     """Adapter base: override :meth:`forward` (and :meth:`keep_mask` if dropout is observable)."""
     name = "implementation"
     capabilities = Capabilities()
-    # property name -> reason: known limitations, reported as XFAIL (strict: a pass is an error)
+    # property name -> reason: known limitations, reported as XFAIL (strict under derandomized profiles)
     expected_failures: dict = {}
 
     def forward(self, case: Case, inputs: Inputs, q, k, v):

@@ -38,7 +38,7 @@ def collect(specs, device, profile_name=None, search_examples=None, progress_fac
     from .impls import load
     from .profiles import profile
 
-    kind = "cuda" if golden._device_type(device) == "cuda" else "cpu"
+    kind = golden.device_kind(device)
     profile_name = profile_name or ("gpu" if kind == "cuda" else "cpu")
     cases = profile(profile_name)
     data = {"schema": SCHEMA, "platform": golden.platform_name(device), "environment": golden.environment(device),
@@ -49,11 +49,7 @@ def collect(specs, device, profile_name=None, search_examples=None, progress_fac
         entry = {"capabilities": {"dtypes": list(caps.dtypes), "backward": caps.backward, "lse": caps.lse,
                                   "dropout": caps.dropout and caps.keep_mask, "notes": caps.notes}}
         bar = progress_factory(len(cases), f"{spec}: errors") if progress_factory else None
-        entry["errors"] = golden.collect_errors(impl, cases, device, progress=bar)
-        try:
-            entry["memory"] = golden.collect_memory(impl, device)
-        except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker: say so, go on
-            entry["memory_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        entry.update(golden.measure(impl, device, cases, progress=bar))
         sweep = SWEEP[kind]
         entry["error_vs_n"] = {}
         for dtype in ("float16", "bfloat16"):
@@ -90,7 +86,7 @@ def worst_case(impl, spec, device, examples: int) -> dict | None:
     from flashverify.properties import strategies as fst
     from .repro import reproducer
 
-    max_seqlen = 96 if golden._device_type(device) != "cuda" else 1024
+    max_seqlen = 1024 if golden.device_kind(device) == "cuda" else 96
     worst = {}
 
     @settings(max_examples=examples, database=None, deadline=None, derandomize=True,
@@ -149,12 +145,8 @@ def baseline_verdicts(data: dict, baseline: dict | None) -> dict:
 
 def load_baseline(path: str) -> dict:
     """A previous report.json or a golden file (same layout under 'implementations')."""
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("schema") not in (SCHEMA, golden.SCHEMA):
-        raise golden.GoldenError(f"{path} is neither a flashverify report nor a golden file "
-                                 f"(schema {data.get('schema')!r})")
-    return data
+    return golden.read(path, schemas=(SCHEMA, golden.SCHEMA), what="baseline",
+                       remedy="pass a report.json written by `flashverify report` or a golden file")
 
 
 # --- the document -------------------------------------------------------------------------------
@@ -196,24 +188,13 @@ def build(data: dict, baseline: dict | None, images: dict) -> list[Block]:
     blocks.append(Block("heading", "Summary: worst over cases, per implementation and dtype"))
     rows = []
     for spec, entry in data["implementations"].items():
-        for dtype in ("float16", "bfloat16", "float32"):
-            labels = [label for label, t in entry["errors"].items() if f"/{dtype}/" in label and "raised" not in t]
-            if not labels:
-                continue
-            for t in TENSORS:
-                have = [entry["errors"][label][t] for label in labels if t in entry["errors"][label]]
-                if not have:
-                    continue
-                refs = [h["reference_ratio"] for h in have if h["reference_ratio"] is not None]
-                marks = [verdicts.get((spec, label, t)) for label in labels]
-                failed = sum(bool(h["failures"]) for h in have)
-                rows.append([spec, dtype, t, _fmt(max(h["max_abs"] for h in have)),
-                             _fmt(max(h["p99_abs"] for h in have)), _fmt(max(h["rmse"] for h in have)),
-                             _fmt(max(h["max_ulp"] for h in have), ".1f"),
-                             _fmt(max(h["rel_fro"] for h in have)),
-                             _fmt(max(h["bound_ratio"] for h in have), ".3f"),
-                             _fmt(max(refs), ".2f") if refs else "n/a",
-                             f"{len(have) - failed}/{len(have)}", _baseline_cell(marks, baseline)])
+        for dtype, tensors in worst_by_dtype(entry["errors"]).items():
+            for t, w in tensors.items():
+                marks = [verdicts.get((spec, label, t)) for label in w["labels"]]
+                rows.append([spec, dtype, t, _fmt(w["max_abs"]), _fmt(w["p99_abs"]), _fmt(w["rmse"]),
+                             _fmt(w["max_ulp"], ".1f"), _fmt(w["rel_fro"]), _fmt(w["bound_ratio"], ".3f"),
+                             _fmt(w["reference_ratio"], ".2f"), f"{w['passed']}/{len(w['labels'])}",
+                             _baseline_cell(marks, baseline)])
     blocks.append(Block("table", (rows, ["implementation", "dtype", "tensor", "max abs", "p99 abs", "RMSE",
                                          "max ULP", "rel. Frobenius", "bound ratio", "naive ratio", "passed",
                                          "vs baseline"])))
@@ -266,6 +247,25 @@ def build(data: dict, baseline: dict | None, images: dict) -> list[Block]:
         blocks.append(Block("details", (f"{spec}: {len(rows)} cases (relative error (bound ratio))",
                                         (rows, ["case", *TENSORS, "verdict", "vs baseline"]))))
     return blocks
+
+
+def worst_by_dtype(errors: dict) -> dict:
+    """dtype -> tensor -> the worst of each metric over the cases that ran (labels 'feature/dtype/...'),
+    with the cases' labels and how many passed."""
+    out = {}
+    for dtype in ("float16", "bfloat16", "float32"):
+        labels = [label for label, t in errors.items() if f"/{dtype}/" in label and "raised" not in t]
+        for t in TENSORS:
+            have = {label: errors[label][t] for label in labels if t in errors[label]}
+            if not have:
+                continue
+            worst = {m: max(h[m] for h in have.values())
+                     for m in ("max_abs", "p99_abs", "rmse", "max_ulp", "rel_fro", "bound_ratio")}
+            refs = [h["reference_ratio"] for h in have.values() if h["reference_ratio"] is not None]
+            worst.update(reference_ratio=max(refs) if refs else None, labels=list(have),
+                         passed=sum(not h["failures"] for h in have.values()))
+            out.setdefault(dtype, {})[t] = worst
+    return out
 
 
 def _baseline_cell(marks, baseline) -> str:
