@@ -19,6 +19,7 @@ def cmd_verify(args) -> int:
     from . import report
 
     device = _device(args.device)
+    baseline = _baseline(args, device)   # before measuring: a bad --compare fails at once
     data = report.collect(["flashverify"], device, args.profile, progress_factory=Progress)
     errors = data["implementations"]["flashverify"]["errors"]
     print(f"flashverify: bundled Triton kernel on {data['environment']['device']}, profile '{data['profile']}', "
@@ -49,7 +50,7 @@ def cmd_verify(args) -> int:
         print(f"  memory {pass_name}: exponent {m['exponent']:.3f} in N, {m['min_ratio']:.3f}x the physical "
               f"minimum at N={m['n'][-1]}")
     print(f"\n{len(errors) - failed} passed, {failed} failed")
-    paths = report.write(args.report, data, _baseline(args, device))
+    paths = report.write(args.report, data, baseline)
     print(f"Report: {paths['html']} (also {os.path.basename(paths['md'])}, {os.path.basename(paths['json'])})")
     return 1 if failed else 0
 
@@ -66,14 +67,19 @@ def _baseline(args, device):
 def cmd_report(args) -> int:
     from . import report
     device = _device(args.device)
+    baseline = _baseline(args, device)
     if args.data:  # re-render (and merge) earlier measurements instead of measuring
         data = report.merge([report.load_baseline(p) for p in args.data])
     else:
         data = report.collect(args.impl or ["flashverify"], device, args.profile, args.search_examples,
                               progress_factory=Progress)
-    paths = report.write(args.out, data, _baseline(args, device))
+    paths = report.write(args.out, data, baseline)
     print(f"Report: {paths['html']}\n        {paths['md']}\n        {paths['json']}")
     return 0
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as 'error: ...' with exit status 2."""
 
 
 def _device(arg) -> str:
@@ -81,9 +87,18 @@ def _device(arg) -> str:
 
     import flashverify.kernels as kernels
     device = arg if arg != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device here (use --device cpu)")
     if device == "cpu" and not kernels.interpreting():
-        raise SystemExit("error: --device cpu needs TRITON_INTERPRET=1 set before start-up")
+        raise UsageError("--device cpu needs TRITON_INTERPRET=1 set before start-up")
     return device
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
 
 
 class Progress:
@@ -195,7 +210,7 @@ def main(argv=None) -> int:
                    help="implementation(s) to report on, as for --attn-impl (default: flashverify)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="case list (default: by device)")
-    r.add_argument("--search-examples", type=int, default=None,
+    r.add_argument("--search-examples", type=_positive_int, default=None,
                    help="examples of the targeted worst-case search (default: 6 on the CPU, 60 on a GPU)")
     r.add_argument("--out", metavar="DIR", default="flashverify-report")
     r.add_argument("--compare", metavar="PATH", help="baseline: an older report.json or a golden file "
@@ -215,7 +230,15 @@ def main(argv=None) -> int:
     g.add_argument("--force", action="store_true", help="update: overwrite a corrupt golden file")
     g.set_defaults(func=cmd_golden)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .golden import GoldenError
+    from .impls import ImplementationNotFound
+    try:
+        return args.func(args)
+    except ImplementationNotFound as e:
+        print(f"error: --impl: {e}", file=sys.stderr)
+    except (UsageError, GoldenError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ class ImplementationError(Exception):
     """The implementation misbehaved in a way the report should name (not a wrong number)."""
 
 
+class ImplementationNotFound(ValueError):
+    """An implementation spec that names nothing loadable (the caller names its own option)."""
+
+
 class ImplementationHung(ImplementationError):
     """A call outlived CALL_TIMEOUT."""
 
@@ -281,7 +285,8 @@ def builtin(name: str, device) -> Implementation:
         return adapters.sdpa_backend(name, device)
     if name == "flex":
         return adapters.FlexAttention(device)
-    raise ValueError(f"no built-in implementation {name!r}; built-ins: {', '.join(BUILTIN_IMPLEMENTATIONS)}")
+    raise ImplementationNotFound(f"no built-in implementation {name!r}; built-ins: "
+                                 f"{', '.join(BUILTIN_IMPLEMENTATIONS)}")
 
 
 def load(spec: str, device=None) -> Implementation:
@@ -291,19 +296,19 @@ def load(spec: str, device=None) -> Implementation:
     if spec in BUILTIN_IMPLEMENTATIONS:
         return builtin(spec, device)
     if ":" not in spec:
-        raise ValueError(f"--attn-impl must be 'package.module:callable' or a built-in name "
-                         f"({', '.join(BUILTIN_IMPLEMENTATIONS)}), got {spec!r}")
+        raise ImplementationNotFound(f"an implementation is 'package.module:callable' or a built-in name "
+                                     f"({', '.join(BUILTIN_IMPLEMENTATIONS)}), got {spec!r}")
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load attention implementation {spec!r}: {e}") from e
+        raise ImplementationNotFound(f"cannot load attention implementation {spec!r}: {e}") from e
     if isinstance(obj, type) and issubclass(obj, Implementation):
         obj = obj()
     if isinstance(obj, Implementation):
         return obj
     if not callable(obj):
-        raise ValueError(f"{spec!r} is neither callable nor an Implementation")
+        raise ImplementationNotFound(f"{spec!r} is neither callable nor an Implementation")
     return SdpaCallable(obj, name=spec).probe(device)

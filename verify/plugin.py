@@ -140,6 +140,8 @@ def _xfails_file(config) -> dict:
     path = config.getoption("--attn-xfails")
     if not path:
         return {}
+    if not os.path.isfile(path):
+        raise pytest.UsageError(f"--attn-xfails: no such file {path!r}")
     out = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
