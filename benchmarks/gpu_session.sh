@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device-machine steps (no network there): install, then the named steps. Logs and results go
 # to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
+#   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT
 #   tests    the harness's tests, natively on the GPU
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
 #   gate     flashverify golden check against the committed golden file of this GPU
@@ -17,10 +18,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for step in "$@"; do
   start=$SECONDS
   case $step in
+    tune)
+      timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
+      for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/tests.log" | tail -8 ;;
+      timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider -n 14 -rfE --tb=short tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
     golden)
-      timeout 240 flashverify golden update 2>&1 | grep -v "errors \[" | tee "$OUT/golden.log"
+      timeout 90 python3 benchmarks/warm_cache.py 2>&1 | tail -3
+      timeout -s INT 150 flashverify golden update 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
       cp golden/nvidia-*.json "$OUT/" ;;
     gate)
       timeout 240 flashverify golden check 2>&1 | grep -v "errors \[" | tee "$OUT/gate.log" | tail -20 ;;
@@ -32,9 +37,9 @@ for step in "$@"; do
       flashverify report --data rep/main/report.json --data rep/flex/report.json --out rep/h100 | tail -3
       tar czf "$OUT/report.tgz" rep ;;
     props)
-      timeout 330 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
+      timeout -s INT 320 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
         --attn-profile release --attn-report "$OUT/props-release.json" 2>&1 | tee "$OUT/props-release.log" | tail -25
-      timeout 240 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
+      timeout -s INT 220 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
         --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \
         --attn-impl flex 2>&1 | tee "$OUT/props-torch.log" | tail -40 ;;
     bench-fp16|bench-bf16)

@@ -7,6 +7,8 @@ a crash inside a kernel or a silently wrong answer.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -42,11 +44,44 @@ class LaunchConfig:
     dq: Tile
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tile shapes by head dim and dtype; smaller tiles where registers/shared memory run short."""
+TILES_SCHEMA = "flashverify.tiles/1"
+TILES_DIR = os.path.join(os.path.dirname(__file__), "tiles")
+
+
+def device_slug(device) -> str:
+    """The GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3'): names tile tables and golden files."""
+    name = torch.cuda.get_device_name(torch.device(device))
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_tiles(slug: str) -> dict:
+    """The tile table measured on this GPU model by benchmarks/tune.py (kernels/tiles/<slug>.json),
+    or {} when none was measured. Keys: 'D<block_d>-<dense|masked>'; 16-bit dtypes only."""
+    path = os.path.join(TILES_DIR, f"{slug}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    if table.get("schema") != TILES_SCHEMA:
+        raise ValueError(f"{path}: schema {table.get('schema')!r} is not {TILES_SCHEMA!r}; "
+                         "re-measure it with benchmarks/tune.py")
+    return {key: LaunchConfig(*(Tile(*entry[kernel]) for kernel in ("fwd", "dkdv", "dq")))
+            for key, entry in table["tiles"].items()}
+
+
+def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, device=None) -> LaunchConfig:
+    """Tile shapes for a problem: the tuned table of this GPU model where one was measured (16-bit
+    dtypes, `masked` = causal or windowed), else fixed shapes by head dim, smaller where registers
+    or shared memory run short. Tiles change the summation order, so error figures are per GPU model."""
     if interpreting():  # numpy: fewer, larger programs are faster; 32 keeps edge tiles exercised
         t = Tile(32, 32)
         return LaunchConfig(t, t, t)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device is not None and dtype in (torch.float16, torch.bfloat16):
+        tuned = tuned_tiles(device_slug(device)).get(f"D{block_d}-{'masked' if masked else 'dense'}")
+        if tuned is not None:
+            return tuned
     wide = dtype == torch.float32
     if head_dim <= 64:
         fwd, dkdv, dq = Tile(128, 64, 4, 3), Tile(32, 128, 4, 3), Tile(128, 32, 4, 3)
@@ -207,7 +242,7 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     else:
         seed = 0
-    config = default_config(D, q.dtype)
+    config = default_config(D, q.dtype, masked=enabled, device=q.device)
     if blocks is not None:
         if not (isinstance(blocks, (tuple, list)) and len(blocks) == 2
                 and all(isinstance(x, int) and x >= 16 and x & (x - 1) == 0 for x in blocks)):
@@ -233,7 +268,7 @@ def _mask_args(pb: _Problem, fallback):
 
 
 def _flags(pb: _Problem, D: int):
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), WINDOW=pb.window,
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)),
                 ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
                 MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision,
                 PRECISE_EXP=pb.precise_exp)

@@ -19,6 +19,10 @@ Conventions shared by every kernel:
   :func:`_dropout_mask_kernel` regenerate the identical mask for any size.
 * the backward needs no atomics: dK/dV and dQ are separate kernels, so
   gradients are bitwise deterministic.
+* every loop over blocks runs in three parts (see _split): edge blocks, where scores are
+  masked one by one, around interior blocks that lie wholly inside the sequence and the
+  causal/sliding window, where no per-score masking runs (causal loop splitting). Blocks wholly
+  outside the window are not visited.
 """
 
 import os
@@ -123,26 +127,28 @@ def _keep(seed, bh, qi, kj, NQ, NK, dropout_p):
 
 @triton.jit
 def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK,
-                   WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """Apply every masking rule to log2-domain scores; disallowed -> -inf.
+                   EDGE: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """Apply the masking rules to a tile of scores; disallowed -> -inf.
 
     qi, kj: query and key indices shaped to broadcast to s2 ([M, 1] and [1, N], or transposed).
+    EDGE tiles check sequence bounds and the causal/sliding window per score; interior tiles
+    (see _split) lie wholly inside both, so only a user mask (if any) is applied there.
     """
-    allowed = (qi < NQ) & (kj < nk)
-    if WINDOW:
+    if EDGE:
         rel = kj - (qi + shift)
-        allowed = allowed & (rel >= -win_left) & (rel <= win_right)
+        allowed = (qi < NQ) & (kj < nk) & (rel >= -win_left) & (rel <= win_right)
+        s2 = tl.where(allowed, s2, float("-inf"))
     in_bounds = (qi < NQ) & (kj < NK)
     if MASK_KIND == MASK_BOOL:
         keep = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0)
-        allowed = allowed & (keep != 0)
+        s2 = tl.where(keep != 0, s2, float("-inf"))
     if MASK_KIND == MASK_ADD:
         bias = _widen(tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0.0))
         if PRECISE_EXP:
             s2 = s2 + bias
         else:
             s2 = s2 + bias * LOG2E
-    return tl.where(allowed, s2, float("-inf"))
+    return s2
 
 
 @triton.jit
@@ -158,12 +164,82 @@ def _key_length_and_shift(keylen_ptr, b, NQ, NK, KEYLEN: tl.constexpr, ALIGN_BOT
 
 
 @triton.jit
+def _split(lo, hi, first, full_end, BLOCK: tl.constexpr):
+    """Cut the loop over blocks [lo, hi) (lo block-aligned) into edge, interior, edge.
+
+    Returns (lo, a, b, hi): blocks starting in [a, b) begin at or after `first` and end by
+    `full_end`, so every score in them is allowed and needs no per-score masking (causal loop
+    splitting); blocks in [lo, a) and [b, hi) are masked per score. Empty when hi <= lo.
+    """
+    hi = tl.maximum(hi, lo)
+    hi_blk = ((hi + BLOCK - 1) // BLOCK) * BLOCK
+    a = ((tl.maximum(first, lo) + BLOCK - 1) // BLOCK) * BLOCK
+    a = tl.maximum(lo, tl.minimum(a, hi_blk))
+    b = (tl.maximum(full_end, 0) // BLOCK) * BLOCK
+    b = tl.maximum(a, tl.minimum(b, hi_blk))
+    return lo, a, b, hi
+
+
+@triton.jit
+def _key_blocks(m0, nk, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks the query block [m0, m0 + BLOCK_M) can see, split by _split.
+
+    A score (i, j) is allowed when j < nk and -win_left <= j - (i + shift) <= win_right (an
+    absent window is 'unbounded', see attention._window_bounds): key blocks outside the window
+    are skipped, and a key block is interior when that holds for its corner scores.
+    """
+    lo = tl.maximum(m0 + shift - win_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(nk, m0 + BLOCK_M + shift + win_right)
+    return _split(lo, hi, m0 + BLOCK_M - 1 + shift - win_left, tl.minimum(nk, m0 + shift + win_right + 1), BLOCK_N)
+
+
+@triton.jit
+def _query_blocks(n0, nk, shift, win_left, win_right, NQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see the key block [n0, n0 + BLOCK_N), split by _split (the transpose of
+    _key_blocks); keys at or past the sequence's length nk get no query at all."""
+    lo = tl.maximum(n0 - shift - win_right, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(NQ, n0 + BLOCK_N - shift + win_left)
+    hi = tl.where(n0 >= nk, lo, hi)
+    full_end = tl.minimum(NQ, n0 - shift + win_left + 1)
+    full_end = tl.where(n0 + BLOCK_N <= nk, full_end, 0)
+    return _split(lo, hi, n0 + BLOCK_N - 1 - shift - win_right, full_end, BLOCK_M)
+
+
+@triton.jit
+def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd, svn, svd,
+                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p, seed,
+                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """Online softmax over the key blocks [start, end) for one query block."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < NK
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
+                            mask_base, smm, smn, NQ, NK, EDGE, MASK_KIND, PRECISE_EXP)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = _exp(s2 - m_safe[:, None], PRECISE_EXP)
+        alpha = _exp(m_i - m_safe, PRECISE_EXP)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod, smb, smh, smm, smn,
                 H, GROUP, NQ, NK, D, qk_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 PRECISE_EXP: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -182,33 +258,21 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
-    lo = 0
-    hi = nk
-    if WINDOW:  # skip key blocks that lie wholly outside the window
-        lo = tl.maximum(pid_m * BLOCK_M + shift - win_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + shift + win_right)
+    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < NK
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
-                            mask_base, smm, smn, NQ, NK, WINDOW, MASK_KIND, PRECISE_EXP)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = _exp(s2 - m_safe[:, None], PRECISE_EXP)
-        alpha = _exp(m_i - m_safe, PRECISE_EXP)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), p, 0.0)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, DOT_PRECISION)
-        m_i = m_new
+    # Edge blocks, interior blocks (no per-score masking), edge blocks.
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd, svn, svd,
+                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
+                                seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn, skd, svn, svd,
+                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
+                                seed, BLOCK_N, False, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd, svn, svd,
+                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
+                                seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -251,7 +315,7 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 @triton.jit
 def _bwd_probs(s2, dp, row_max, row_logl, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
-               NQ, NK, dropout_p, seed, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               NQ, NK, dropout_p, seed, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                PRECISE_EXP: tl.constexpr):
     """From raw log2 scores s2 and dP = dO.V^T of one tile, return (P with dropout applied, dS).
 
@@ -259,7 +323,7 @@ def _bwd_probs(s2, dp, row_max, row_logl, delta, qi, kj, bh, nk, shift, win_left
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
     s2 = _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                        WINDOW, MASK_KIND, PRECISE_EXP)
+                        EDGE, MASK_KIND, PRECISE_EXP)
     p = _exp((s2 - row_max) - row_logl, PRECISE_EXP)
     p_drop = p
     if DROPOUT:
@@ -283,13 +347,37 @@ def _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ):
 
 
 @triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, start, end, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
+                 STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                 qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """dK, dV contributions of the query blocks [start, end) of one query head, on transposed
+    tiles (keys as rows)."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_t = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                      mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
+        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                     mask=(offs_m[:, None] < NQ) & d_ok, other=0.0)
+        row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
+        s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
+        dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
+        p_t, ds_t = _bwd_probs(s2_t, dp_t, row_max[None, :], row_logl[None, :], delta[None, :], offs_m[None, :],
+                               offs_n[:, None], bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                               dropout_p, seed, EDGE, MASK_KIND, DROPOUT, PRECISE_EXP)
+        dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
+        dk += _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                      smb, smh, smm, smn,
                      H, HKV, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                     ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      PRECISE_EXP: tl.constexpr):
     """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
@@ -307,36 +395,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                 mask=n_ok & d_ok, other=0.0)
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
-    lo = 0
-    hi = NQ
-    if WINDOW:  # queries that can see this key block: j - (i + shift) in [-left, right]
-        lo = tl.maximum(pid_n * BLOCK_N - shift - win_right, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        hi = tl.minimum(hi, pid_n * BLOCK_N + BLOCK_N - shift + win_left)
-    if pid_n * BLOCK_N >= nk:
-        hi = lo  # keys past this sequence's length get zero gradient
+    lo, mid_lo, mid_hi, hi = _query_blocks(pid_n * BLOCK_N, nk, shift, win_left, win_right, NQ, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = (offs_m[:, None] < NQ) & d_ok
-            q_t = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                          mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                         mask=m_ok, other=0.0)
-            row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
-            s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
-            dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
-            p_t, ds_t = _bwd_probs(s2_t, dp_t, row_max[None, :], row_logl[None, :], delta[None, :], offs_m[None, :], offs_n[:, None],
-                                   bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                                   dropout_p, seed, WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
-            dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
-            dk += _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), DOT_PRECISION)
+        # Edge blocks, interior blocks (no per-score masking), edge blocks.
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
+                              STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
+                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, MASK_KIND, DROPOUT, DOT_PRECISION,
+                              PRECISE_EXP)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_lo, mid_hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom,
+                              sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
+                              NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, False, MASK_KIND, DROPOUT, DOT_PRECISION,
+                              PRECISE_EXP)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
+                              STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
+                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, MASK_KIND, DROPOUT, DOT_PRECISION,
+                              PRECISE_EXP)
 
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -346,12 +427,32 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
 
 
 @triton.jit
+def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd,
+               svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p, seed,
+               BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """dQ contributions of the key blocks [start, end) for one query block."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < NK
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        dp = _dot(do, tl.trans(v), DOT_PRECISION)
+        _, ds = _bwd_probs(s2, dp, row_max[:, None], row_logl[:, None], delta[:, None], offs_m[:, None],
+                           offs_n[None, :], bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                           dropout_p, seed, EDGE, MASK_KIND, DROPOUT, PRECISE_EXP)
+        dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
                    H, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   WINDOW: tl.constexpr, ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
+                   ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    PRECISE_EXP: tl.constexpr):
     """One query block of one head: dQ = sum over key blocks of dS . K."""
@@ -373,25 +474,19 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
-    lo = 0
-    hi = nk
-    if WINDOW:
-        lo = tl.maximum(pid_m * BLOCK_M + shift - win_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + shift + win_right)
+    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < NK
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        dp = _dot(do, tl.trans(v), DOT_PRECISION)
-        _, ds = _bwd_probs(s2, dp, row_max[:, None], row_logl[:, None], delta[:, None], offs_m[:, None], offs_n[None, :], bh, nk,
-                           shift, win_left, win_right, mask_base, smm, smn, NQ, NK, dropout_p, seed,
-                           WINDOW, MASK_KIND, DROPOUT, PRECISE_EXP)
-        dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
+    # Edge blocks, interior blocks (no per-score masking), edge blocks.
+    dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd,
+                    svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
+                    seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn,
+                    skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
+                    dropout_p, seed, BLOCK_N, False, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd,
+                    svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
+                    seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
 
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,

@@ -4,7 +4,9 @@ Every case must pass both error bounds of flashverify.bounds (a priori and refer
 ratio, per tensor); the pass/fail rule is bounds.judge, the same one the CLI uses.
 """
 
+import importlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -220,3 +222,79 @@ def test_bf16_subnormal_gradients(device):
     x = case.inputs(device)
     checks = evaluate(case, x, BUNDLED.run(case, x))
     assert not [f for c in checks for f in c.failures]
+
+
+@triton.jit
+def _block_ranges_kernel(OUT, NQ, nk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         KEYS: tl.constexpr):
+    pid = tl.program_id(0)
+    if KEYS:
+        lo, mid_lo, mid_hi, hi = tk._key_blocks(pid * BLOCK_M, nk, shift, left, right, BLOCK_M, BLOCK_N)
+    else:
+        lo, mid_lo, mid_hi, hi = tk._query_blocks(pid * BLOCK_N, nk, shift, left, right, NQ, BLOCK_M, BLOCK_N)
+    tl.store(OUT + pid * 4 + 0, lo)
+    tl.store(OUT + pid * 4 + 1, mid_lo)
+    tl.store(OUT + pid * 4 + 2, mid_hi)
+    tl.store(OUT + pid * 4 + 3, hi)
+
+
+def test_loop_split_visits_every_allowed_block_and_masks_only_edges(device):
+    """The kernels skip per-score masking on 'interior' blocks (causal loop splitting): every
+    score of an interior block must be allowed, and every block holding an allowed score must be
+    visited. Checked by brute force against the masking rule for random shapes and windows."""
+    rng = np.random.default_rng(0)
+    for _ in range(120):
+        nq, big_nk = (int(x) for x in rng.integers(1, 90, 2))
+        nk = int(rng.integers(0, big_nk + 1))
+        shift = nk - nq if rng.random() < 0.5 else 0      # bottom-right or top-left alignment
+        unbounded = nq + big_nk + 1
+        left, right = (int(rng.choice([0, 1, 5, 17, unbounded])) for _ in range(2))
+        bm, bn = (int(rng.choice([16, 32])) for _ in range(2))
+        i = np.arange(nq)[:, None]
+        j = np.arange(nk)[None, :]
+        allowed = np.zeros((nq, big_nk), bool)
+        allowed[:, :nk] = ((j - i - shift) >= -left) & ((j - i - shift) <= right)
+        for keys in (True, False):   # key blocks per query block (forward, dQ); query blocks per key block (dK/dV)
+            outer, inner = (bm, bn) if keys else (bn, bm)
+            n_outer = triton.cdiv(nq if keys else big_nk, outer)
+            out = torch.zeros(n_outer * 4, dtype=torch.int32, device=device)
+            _block_ranges_kernel[(n_outer,)](out, nq, nk, shift, left, right, BLOCK_M=bm, BLOCK_N=bn, KEYS=keys)
+            ranges = out.view(-1, 4).cpu().numpy()
+            view = allowed if keys else allowed.T
+            for p, (lo, mid_lo, mid_hi, hi) in enumerate(ranges):
+                rows = view[p * outer:(p + 1) * outer]
+                where = f"keys={keys} nq={nq} NK={big_nk} nk={nk} shift={shift} window=({left}, {right}) " \
+                        f"blocks=({bm}, {bn}) outer block {p}: ranges {lo, mid_lo, mid_hi, hi}"
+                assert lo <= mid_lo <= mid_hi and lo % inner == 0 and mid_lo % inner == 0, where
+                visited = set(range(lo, hi, inner)) | set(range(mid_lo, mid_hi, inner))
+                for start in range(0, view.shape[1], inner):
+                    tile = rows[:, start:start + inner]
+                    if tile.any():
+                        assert start in visited, f"{where}: block {start} holds allowed scores, not visited"
+                    if mid_lo <= start < mid_hi:
+                        full = tile.shape[1] == inner and tile.all()
+                        assert full, f"{where}: interior block {start} has disallowed scores"
+                assert not (set(range(mid_lo, mid_hi, inner)) & set(range(lo, mid_lo, inner))), where
+
+
+def test_tile_table_of_each_gpu_parses():
+    """Every committed tile table (benchmarks/tune.py) has the schema and all three kernels."""
+    a = importlib.import_module("flashverify.kernels.attention")   # the package re-exports a function by that name
+    slugs = [f[:-5] for f in os.listdir(a.TILES_DIR) if f.endswith(".json")]
+    assert slugs, "no tile table committed"
+    for slug in slugs:
+        table = a.tuned_tiles(slug)
+        assert table and all(isinstance(c, a.LaunchConfig) for c in table.values()), slug
+
+
+def test_tile_table_of_another_schema_is_a_clear_error(tmp_path, monkeypatch):
+    a = importlib.import_module("flashverify.kernels.attention")
+    (tmp_path / "some-gpu.json").write_text('{"schema": "flashverify.tiles/0", "tiles": {}}')
+    monkeypatch.setattr(a, "TILES_DIR", str(tmp_path))
+    a.tuned_tiles.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="some-gpu.json.*schema.*re-measure it with benchmarks/tune.py"):
+            a.tuned_tiles("some-gpu")
+        assert a.tuned_tiles("unmeasured-gpu") == {}
+    finally:
+        a.tuned_tiles.cache_clear()

@@ -48,8 +48,8 @@ def platform_name(device) -> str:
     import torch
     if torch.device(device).type != "cuda":
         return "cpu-interpreter"
-    name = torch.cuda.get_device_name(torch.device(device))
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    from flashverify.kernels.attention import device_slug
+    return device_slug(device)
 
 
 def path_for(platform: str, directory: str | None = None) -> str:

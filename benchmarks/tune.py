@@ -1,0 +1,165 @@
+"""Measure the bundled kernel's tile shapes on this GPU; write kernels/tiles/<gpu>.json (GPU only).
+
+For each head dim (64, 128) and mask (dense, causal), each kernel (forward, dK/dV, dQ) runs with
+every candidate tile (block_m, block_n, num_warps, num_stages) at N = 1K, 4K, 16K (B = 32K / N,
+H = 16, fp16, the speed grid's shapes). The winner has the lowest geometric mean of time over
+the fastest candidate's at each N. The table serves fp16 and bf16 (same tiles, same code path);
+float32 keeps the fixed tiles. Every timing is kept in the file, so the choice can be audited.
+
+A candidate whose output differs grossly from the fixed tiles' (normwise > 5 %, where a correct
+tile differs by rounding, ~1e-3) is rejected as broken; the chosen table is then verified by the
+property suite on the same GPU (benchmarks/gpu_session.sh props), like any kernel change.
+
+Candidates compile first in parallel worker processes (Triton caches the binaries on disk: the
+small warm-up problem has the same specialization as the timed ones), then are timed one at a
+time in this process with triton.testing.do_bench.
+
+Run: python benchmarks/tune.py [--out PATH]
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import torch
+
+TOKENS, H = 32768, 16
+NS = (1024, 4096, 16384)
+HEAD_DIMS = (64, 128)
+FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (128, 32, 4, 3),
+       (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 32, 4, 4)]
+DKDV = [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
+        (64, 64, 4, 3), (16, 128, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)]
+DQ = [(128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+      (128, 128, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)]
+CANDIDATES = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}
+BROKEN = 0.05
+
+
+def _attn():
+    """The kernel's module (the package re-exports a function of the same name)."""
+    return importlib.import_module("flashverify.kernels.attention")
+
+
+def _inputs(b, n, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(b, H, n, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)]
+
+
+def _problem(q, k, v, causal, config):
+    a = _attn()
+    pb = a._check(q, k, v, causal, "top_left", None, None, None, None, 0.0, None, False, None)
+    return dataclasses.replace(pb, config=config)
+
+
+def _config(d, causal, kernel, tile):
+    a = _attn()
+    base = a.default_config(d, torch.float16, masked=causal)   # the fixed tiles (no table)
+    return dataclasses.replace(base, **{kernel: a.Tile(*tile)})
+
+
+def _run(q, k, v, do, causal, kernel, config, fwd_out=None):
+    """The kernel's result under `config`: O for the forward, (dQ, dK, dV) for the backward ones."""
+    a = _attn()
+    pb = _problem(q, k, v, causal, config)
+    if kernel == "fwd":
+        return (a._forward(q, k, v, pb)[0],)
+    o, stats = fwd_out
+    return a._backward(q, k, v, o, stats, do, pb)
+
+
+def _compile(job):
+    """Worker: run one candidate on a small problem so Triton compiles and caches it."""
+    d, causal, kernel, tile = job
+    try:
+        q, k, v, do = _inputs(1, 256, d)
+        a = _attn()
+        fwd_out = None
+        if kernel != "fwd":
+            o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, _config(d, causal, "fwd", FWD[0])))
+            fwd_out = (o, stats)
+        _run(q, k, v, do, causal, kernel, _config(d, causal, kernel, tile), fwd_out)
+        torch.cuda.synchronize()
+        return job, None
+    except Exception as e:  # noqa: BLE001 - e.g. OutOfResources: the tile does not fit
+        return job, f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def _rel(x, ref):
+    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def main(argv=None):
+    from triton.testing import do_bench
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="default: kernels/tiles/<gpu>.json")
+    args = parser.parse_args(argv)
+    a = _attn()
+    slug = a.device_slug("cuda")
+    out = args.out or os.path.join(a.TILES_DIR, f"{slug}.json")
+    start = time.time()
+
+    jobs = [(d, c, kern, t) for d in HEAD_DIMS for c in (False, True) for kern, ts in CANDIDATES.items() for t in ts]
+    with mp.get_context("spawn").Pool(min(14, os.cpu_count() or 1)) as pool:
+        failed = {job: err for job, err in pool.imap_unordered(_compile, jobs) if err}
+    print(f"compiled {len(jobs)} candidates in {time.time() - start:.0f} s; {len(failed)} do not fit", flush=True)
+
+    tiles, timings, rejected = {}, {}, {}
+    for d in HEAD_DIMS:
+        for causal in (False, True):
+            key = f"D{d}-{'masked' if causal else 'dense'}"
+            current = a.default_config(d, torch.float16, masked=causal)
+            timings[key] = {}
+            for kernel in ("fwd", "dkdv", "dq"):   # dq is timed with the chosen dkdv tile, and so on
+                per_n = {}
+                for n in NS:
+                    q, k, v, do = _inputs(TOKENS // n, n, d)
+                    o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, current))
+                    ref = _run(q, k, v, do, causal, kernel, current, (o, stats))
+                    for tile in CANDIDATES[kernel]:
+                        name = "x".join(map(str, tile[:2])) + f"w{tile[2]}s{tile[3]}"
+                        if (d, causal, kernel, tile) in failed:
+                            continue
+                        config = dataclasses.replace(current, **{kernel: a.Tile(*tile)})
+                        try:
+                            got = _run(q, k, v, do, causal, kernel, config, (o, stats))
+                            err = max(_rel(x, r) for x, r in zip(got, ref))
+                        except Exception as e:  # noqa: BLE001 - a tile that fails at this size
+                            failed[(d, causal, kernel, tile)] = f"N{n}: {type(e).__name__}: {str(e)[:160]}"
+                            continue
+                        if not err <= BROKEN:
+                            rejected[f"{key}/{kernel}/{name}/N{n}"] = err
+                            continue
+                        ms = do_bench(lambda: _run(q, k, v, do, causal, kernel, config, (o, stats)),
+                                      warmup=10, rep=40)
+                        per_n.setdefault(name, {"tile": list(tile)})[f"N{n}"] = ms
+                complete = {nm: r for nm, r in per_n.items() if all(f"N{n}" in r for n in NS)}
+                best = {n: min(r[f"N{n}"] for r in complete.values()) for n in NS}
+                for r in complete.values():
+                    r["score"] = math.exp(sum(math.log(r[f"N{n}"] / best[n]) for n in NS) / len(NS))
+                winner = min(complete.values(), key=lambda r: r["score"])
+                current = dataclasses.replace(current, **{kernel: a.Tile(*winner["tile"])})
+                timings[key][kernel] = dict(sorted(per_n.items(), key=lambda kv: kv[1].get("score", 1e9)))
+                print(f"{key} {kernel}: {winner['tile']}  " + "  ".join(
+                    f"N{n}={winner[f'N{n}']:.3f} ms" for n in NS), flush=True)
+            tiles[key] = {kern: list(dataclasses.astuple(getattr(current, kern))) for kern in ("fwd", "dkdv", "dq")}
+
+    table = {"schema": a.TILES_SCHEMA, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "triton": __import__("triton").__version__, "tuned_dtype": "float16", "applies_to": ["float16", "bfloat16"],
+             "shapes": {"tokens": TOKENS, "H": H, "N": list(NS)}, "command": "python benchmarks/tune.py",
+             "tiles": tiles, "timings_ms": timings, "rejected_as_broken": rejected, "did_not_fit": sorted(
+                 f"D{d}-{'masked' if c else 'dense'}/{kern}/{t}: {e}" for (d, c, kern, t), e in failed.items())}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
