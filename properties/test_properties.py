@@ -12,12 +12,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, note, target
+from hypothesis import given, note, reject, target
+from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 from hypothesis import strategies as st
 
 from flashverify.case import Inputs
 from flashverify.evaluate import Outputs, evaluate, output_bound
-from flashverify.plugin import record_worst
+from flashverify.impls import Unsupported
+from flashverify.plugin import record_declined, record_worst
 from flashverify.properties import strategies as fst
 from flashverify.repro import reproducer, save
 
@@ -40,7 +42,13 @@ def require(impl, *features):
 
 
 def for_all(impl, env, strategy, name, backward=False):
-    """Run `check(case)` on examples of `strategy` under the run's hypothesis profile."""
+    """Run `check(case)` on examples of `strategy` under the run's hypothesis profile.
+
+    A case the implementation declines (impls.Unsupported) is rejected and counted for the
+    summary; if it declines so many that hypothesis gives up, the property is skipped with the
+    reason and the counts."""
+    declined, accepted = {}, [0]
+
     def decorate(check):
         @env.settings
         @given(case=strategy)
@@ -49,11 +57,24 @@ def for_all(impl, env, strategy, name, backward=False):
             note(text)
             try:
                 check(case)
+                accepted[0] += 1
+            except Unsupported as e:
+                reason = str(e).splitlines()[0]
+                declined[reason] = declined.get(reason, 0) + 1
+                record_declined(impl.spec, name, reason)
+                reject()
             except AssertionError:
                 if env.repro_dir:
                     note(f"reproducer saved to {save(env.repro_dir, impl.spec, name, text)}")
                 raise
-        inner()
+        try:
+            inner()
+        except (Unsatisfiable, FailedHealthCheck):
+            if not declined:
+                raise
+            top = max(declined, key=declined.get)
+            pytest.skip(f"{impl.name} declined {sum(declined.values())} of the cases drawn, accepted {accepted[0]}: "
+                        f"too few to run the property (most often: {top[:300]})")
     return decorate
 
 

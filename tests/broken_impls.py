@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flashverify import philox
-from flashverify.impls import Bundled, Capabilities, Implementation
+from flashverify.impls import Bundled, Capabilities, Implementation, Unsupported
 
 BLOCK = 16
 
@@ -206,3 +206,20 @@ class MutatesInputs(TorchFlash):
     def forward(self, case, inputs, q, k, v):
         inputs.q.mul_(1.0 + 2.0**-8) if inputs.q.is_floating_point() else None
         return super().forward(case, inputs, q, k, v)
+
+
+class DeclinesOddLengths(TorchFlash):
+    """Correct, but its kernel declines odd key lengths (impls.Unsupported), as torch's pinned
+    SDPA backends decline shapes outside their rules: a narrow kernel, not a broken one."""
+
+    def forward(self, case, inputs, q, k, v):
+        if case.seqlen_k % 2:
+            raise Unsupported(f"odd key length {case.seqlen_k}: this kernel takes even lengths only")
+        return super().forward(case, inputs, q, k, v)
+
+
+class DeclinesEverything(TorchFlash):
+    """Declines every case (a backend this machine cannot run for any input)."""
+
+    def forward(self, case, inputs, q, k, v):
+        raise Unsupported("no kernel for this device")

@@ -6,7 +6,7 @@ import torch
 from flashverify import BUILTIN_IMPLEMENTATIONS
 from flashverify.case import Case
 from flashverify.evaluate import evaluate
-from flashverify.impls import load
+from flashverify.impls import Unsupported, load
 
 
 @pytest.mark.parametrize("name", BUILTIN_IMPLEMENTATIONS)
@@ -52,6 +52,19 @@ def test_flex_adapter_is_caught_when_a_mask_rule_is_dropped(device, monkeypatch)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the backend exists")
+def test_sdpa_backend_declining_a_case_is_unsupported_not_an_error():
+    """torch's dispatcher refusing a pinned backend (constraints per shape, dtype, mask) is that
+    backend declining the case; any other error stays an error."""
+    q = torch.randn(1, 1, 4, 8)
+    declines = load("sdpa-efficient", device="cpu")    # no efficient backend in a CPU build
+    with pytest.raises(Unsupported, match="sdpa-efficient: torch declines this case"):
+        declines.fn(q, q, q)
+    with pytest.raises(RuntimeError) as raised:
+        load("sdpa-math", device="cpu").fn(q, q, torch.randn(1, 1, 5, 8))   # k, v lengths disagree
+    assert not isinstance(raised.value, Unsupported)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="every SDPA backend exists on a CUDA build")
 def test_sdpa_backend_missing_here_is_skipped_with_the_reason(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties",
                                 "--attn-profile=ci", "--attn-impl=sdpa-cudnn", "-k", "forward_within", "-rs")

@@ -4,6 +4,7 @@ Each broken variant (tests/broken_impls.py) must fail the property written for i
 class; the time to the (shrunk) failure is printed (run with -s to see it).
 """
 
+import re
 import time
 
 import pytest
@@ -23,7 +24,9 @@ PLANTED = [
     (bi.WrongGqaMapping, props.test_gqa_equals_repeated_kv, ""),
     (bi.AssumesContiguous, props.test_forward_within_bounds, ""),
     (bi.DropoutMaskDiffersInBackward, props.test_dropout_gradient_matches_forward_mask, "directional derivative"),
-    (bi.NoMaxSubtraction, props.test_forward_within_bounds, "NaN/Inf where the oracle is finite"),
+    # overflow to NaN at large logits, or (hypothesis may meet it first) lost accuracy where the
+    # naive reference is exact; the derandomized search order changes with the suite's source
+    (bi.NoMaxSubtraction, props.test_forward_within_bounds, "NaN/Inf where the oracle is finite|the naive reference's 0 "),
     (bi.BackwardIgnoresDelta, props.test_backward_within_bounds, ""),
     (bi.DropoutWithoutRescale, props.test_dropout_unbiased, "dropout is biased"),
     (bi.OnlineSoftmaxWithoutRescale, props.test_forward_within_bounds, ""),
@@ -43,7 +46,7 @@ def test_planted_bug_is_found(cls, prop, text):
         prop(_impl(cls), ENV)
     elapsed = time.perf_counter() - start
     message = str(info.value)
-    assert text in message, message
+    assert re.search(text, message), message
     print(f"\n{cls.__name__}: {prop.__name__} failed after {elapsed:.1f} s: {message.splitlines()[0][:120]}")
 
 

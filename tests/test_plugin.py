@@ -46,6 +46,19 @@ def test_unsupported_features_are_skipped_with_reasons(pytester):
     result.stdout.fnmatch_lines(["*does not declare keep_mask*"])
 
 
+def test_cases_an_implementation_declines_are_skipped_and_counted(pytester):
+    """impls.Unsupported (a kernel's own refusal, e.g. torch's 'No available kernel') rejects that
+    case, not the property; the summary counts them; declining everything skips with the reason."""
+    result = _run(pytester, "--attn-impl=broken_impls:DeclinesOddLengths", "--attn-impl=broken_impls:DeclinesEverything",
+                  "-k", "forward_within", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines_random([
+        "*PASSED*forward_within_bounds*",
+        "*drawn cases declined by the implementation (most often: odd key length*",
+        "*SKIPPED*forward_within_bounds*declined * of the cases drawn, accepted 0*no kernel for this device*",
+    ])
+
+
 def test_expected_failures_are_declared_and_strict(pytester):
     xfails = pytester.makefile(".txt", xfails="""
         # known: returns NaN on rows with no allowed key

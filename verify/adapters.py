@@ -13,7 +13,10 @@ from dataclasses import replace
 
 import torch
 
-from .impls import Capabilities, Implementation, SdpaCallable
+from .impls import Capabilities, Implementation, SdpaCallable, Unsupported
+
+# What torch's SDPA raises when the pinned backend declines the inputs (torch 2.11 on CUDA; 2.13)
+DECLINED = ("No available kernel", "No viable backend for scaled_dot_product_attention")
 
 SDPA_BACKENDS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}
@@ -27,8 +30,17 @@ def sdpa_backend(name: str, device) -> SdpaCallable:
     backend = getattr(SDPBackend, SDPA_BACKENDS[name])
 
     def fn(q, k, v, **kwargs):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backend):
+            warnings.simplefilter("always")
+            try:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+            except RuntimeError as e:
+                if not any(text in str(e) for text in DECLINED):
+                    raise
+                # torch's dispatcher checked this backend's constraints and refused; it warns why
+                reasons = "; ".join(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+                raise Unsupported(f"{name}: torch declines this case ({str(e).splitlines()[0][:120]})"
+                                  + (f": {reasons[:400]}" if reasons else "")) from e
 
     return SdpaCallable(fn, name=name).probe(device)
 
@@ -50,6 +62,9 @@ class FlexAttention(Implementation):
         if torch.device(device).type == "cpu":  # torch raises NotImplementedError for backward on the CPU
             notes = dict(self.capabilities.notes, backward="FlexAttention has no backward on the CPU")
             self.capabilities = replace(self.capabilities, backward=False, notes=notes)
+        else:  # the compiled kernel: "NYI: embedding dimension ... must be at least 16" (torch 2.11)
+            notes = dict(self.capabilities.notes, head_dims="compiled FlexAttention needs head_dim >= 16")
+            self.capabilities = replace(self.capabilities, head_dims=(16, 256), notes=notes)
 
     def _flex(self, device):
         from torch.nn.attention.flex_attention import flex_attention

@@ -100,7 +100,7 @@ def collect_errors(impl, cases: dict, device, progress=None) -> dict:
     """case label -> tensor -> error metrics (issue 2's metrics and bounds); a case whose call
     raised or misbehaved maps to {"raised": message} and the run goes on."""
     from .evaluate import evaluate
-    from .impls import ImplementationError
+    from .impls import ImplementationError, Unsupported
     out = {}
     for label, case in cases.items():
         if not _supports(impl, case):
@@ -108,6 +108,8 @@ def collect_errors(impl, cases: dict, device, progress=None) -> dict:
         inputs = case.inputs(device)
         try:
             result = impl.run(case, inputs, backward=impl.capabilities.backward)
+        except Unsupported:   # declined by the kernel's own rules: not measured, like an undeclared feature
+            continue
         except ImplementationError as e:
             out[label] = {"raised": str(e).splitlines()[0][:300]}
             continue
@@ -125,7 +127,7 @@ def collect_errors(impl, cases: dict, device, progress=None) -> dict:
 def _supports(impl, case) -> bool:
     caps = impl.capabilities
     return (case.dtype in caps.dtypes and (case.dropout_p == 0 or caps.keep_mask)
-            and (case.heads_q == case.heads_kv or caps.gqa))
+            and (case.heads_q == case.heads_kv or caps.gqa) and caps.head_dims[0] <= case.head_dim <= caps.head_dims[1])
 
 
 def memory_base(device):

@@ -34,6 +34,13 @@ class ImplementationHung(ImplementationError):
     """A call outlived CALL_TIMEOUT."""
 
 
+class Unsupported(Exception):
+    """Raised by an adapter for a case its kernel declines under the kernel's own documented rules
+    (torch SDPA's "no available kernel" for a pinned backend, say) - rules too fine-grained for
+    Capabilities. The case is skipped and counted in the run summary, not failed. Raise it only
+    for refusals the kernel itself signals: a crash is not a refusal."""
+
+
 # Seconds one call of an implementation may take before it is reported as hung (None: no limit).
 # The plugin sets it from --attn-timeout. A hung call's thread cannot be killed: it is left
 # running in the background and the run goes on.
@@ -111,6 +118,8 @@ class Implementation:
         except ImplementationHung as e:
             self.hung = str(e)
             raise
+        except Unsupported:
+            raise
         except Exception as e:  # reported as exactly that, the run goes on
             raise ImplementationError(f"{self.name} raised {type(e).__name__}: {e}") from e
         o, lse = result if isinstance(result, tuple) else (result, None)
@@ -123,6 +132,8 @@ class Implementation:
             _call(lambda: o.backward(inputs.do), f"{self.name} backward")
         except ImplementationHung as e:
             self.hung = str(e)
+            raise
+        except Unsupported:
             raise
         except Exception as e:
             raise ImplementationError(f"{self.name} backward raised {type(e).__name__}: {e}") from e
@@ -222,7 +233,7 @@ class SdpaCallable(Implementation):
             try:
                 self.run(case, case.inputs(device), backward=backward)
                 return None
-            except ImplementationError as e:
+            except (ImplementationError, Unsupported) as e:
                 return str(e)
 
         dtypes = []

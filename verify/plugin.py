@@ -94,6 +94,16 @@ _loaded: dict = {}
 WORST: dict = {}
 
 
+# (implementation spec, property) -> {reason: count} of drawn cases the implementation declined
+# (impls.Unsupported): skipped, and shown in the summary so a narrow kernel is visibly narrow.
+DECLINED: dict = {}
+
+
+def record_declined(spec: str, prop: str, reason: str) -> None:
+    counts = DECLINED.setdefault((spec, prop), {})
+    counts[reason] = counts.get(reason, 0) + 1
+
+
 def record_worst(spec: str, prop: str, check, case) -> None:
     ratio = check.bound_ratio
     key = (spec, prop)
@@ -216,7 +226,7 @@ def pytest_runtest_makereport(item, call):
     report.user_properties.append((_USER_PROPERTY, {
         "implementation": key[0], "property": key[1], "outcome": status, "detail": detail, "reproducer": repro,
         "worst_bound_ratio": worst[0] if worst else None, "worst_tensor": worst[1] if worst else None,
-        "worst_case": worst[2].as_dict() if worst else None}))
+        "worst_case": worst[2].as_dict() if worst else None, "declined": DECLINED.get(key, {})}))
 
 
 class _Summary:
@@ -244,6 +254,11 @@ class _Summary:
                 worst = (f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}"
                          if r["worst_bound_ratio"] is not None else "")
                 tr.write_line(f"  {r['outcome'].upper():8s} {prop}{worst}" + (f"  - {r['detail']}" if r["detail"] else ""))
+                declined = r.get("declined") or {}
+                if declined and r["outcome"] != "skipped":
+                    top = max(declined, key=declined.get)
+                    tr.write_line(f"           {sum(declined.values())} drawn cases declined by the implementation"
+                                  f" (most often: {top[:160]})")
                 records.append(r)
         path = config.getoption("--attn-report")
         if path:
