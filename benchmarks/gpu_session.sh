@@ -7,7 +7,8 @@
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
 #            measurement, merged), as $OUT/report.tgz
-#   props    the property suite: bundled kernel with the release profile, torch's kernels with ci
+#   props-release-a, props-release-b   the release profile on the bundled kernel, in two halves
+#   props-torch   torch's kernels (SDPA backends, FlexAttention) with the ci profile
 #   bench-fp16, bench-bf16   half the speed grid each (one 10-minute call each), with the floors
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -31,17 +32,22 @@ for step in "$@"; do
       timeout 240 flashverify golden check 2>&1 | grep -v "errors \[" | tee "$OUT/gate.log" | tail -20 ;;
     report)
       rm -rf rep && mkdir rep
+      timeout 90 python3 benchmarks/warm_cache.py 2>&1 | tail -1
       timeout 300 flashverify report --impl flashverify --impl sdpa-flash --impl sdpa-efficient --impl naive \
         --search-examples 30 --out rep/main 2>&1 | grep -v "errors \[" | tail -5
       timeout 200 flashverify report --impl flex --search-examples 10 --out rep/flex 2>&1 | grep -v "errors \[" | tail -5
       flashverify report --data rep/main/report.json --data rep/flex/report.json --out rep/h100 | tail -3
       tar czf "$OUT/report.tgz" rep ;;
-    props)
-      timeout -s INT 320 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
-        --attn-profile release --attn-report "$OUT/props-release.json" 2>&1 | tee "$OUT/props-release.log" | tail -25
-      timeout -s INT 220 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
+    props-release-a|props-release-b)   # the release profile in two halves (two 10-minute calls)
+      half=${step#props-release-}; k="shard1of4 or shard2of4"; [ "$half" = b ] && k="shard3of4 or shard4of4"
+      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
+        --attn-profile release --attn-shards 4 -k "$k" --attn-report "$OUT/props-release-$half.json" 2>&1 \
+        | tee "$OUT/props-release-$half.log" | grep -v PytestBenchmarkWarning | tail -25 ;;
+    props-torch)
+      timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
         --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \
-        --attn-impl flex 2>&1 | tee "$OUT/props-torch.log" | tail -40 ;;
+        --attn-impl flex --attn-report "$OUT/props-torch.json" 2>&1 | tee "$OUT/props-torch.log" \
+        | sed -n '/properties per implementation/,$p' | head -90 ;;
     bench-fp16|bench-bf16)
       dt=${step#bench-}
       python3 benchmarks/floors.py "$OUT/floors.json" >/dev/null

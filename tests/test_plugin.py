@@ -59,6 +59,28 @@ def test_cases_an_implementation_declines_are_skipped_and_counted(pytester):
     ])
 
 
+def test_shards_split_a_property_and_merge_in_the_summary(pytester, tmp_path):
+    """--attn-shards K: K tests per property (each 1/K of the examples, its own random stream),
+    one line per property in the summary with the most severe outcome of its shards."""
+    report = tmp_path / "report.json"
+    result = pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=dev",
+                                "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
+                                "--attn-shards=2", "-k", "fully_masked", f"--attn-report={report}")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["*fully_masked_rows_give_zero*shard1of2*", "*fully_masked_rows_give_zero*shard2of2*"])
+    lines = [ln for ln in result.stdout.lines if ln.startswith(("  PASSED", "  FAILED"))]  # the summary's
+    assert [ln.split()[0] for ln in lines] == ["FAILED", "PASSED"], lines   # one line per property
+    records = json.loads(report.read_text())["results"]
+    assert sorted((r["implementation"], r["outcome"], r["shards"]) for r in records) == [
+        ("broken_impls:NanOnMaskedRows", "failed", 2), ("broken_impls:TorchFlash", "passed", 2)]
+
+
+def test_shards_with_a_derandomized_profile_are_a_usage_error(pytester):
+    result = _run(pytester, "--attn-shards=2")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--attn-shards 2 needs a random profile*"])
+
+
 def test_expected_failures_are_declared_and_strict(pytester):
     xfails = pytester.makefile(".txt", xfails="""
         # known: returns NaN on rows with no allowed key

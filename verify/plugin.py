@@ -52,6 +52,10 @@ def pytest_addoption(parser):
                     help="expected failures, one per line: IMPL_SPEC PROPERTY REASON... ('#' comments)")
     group.addoption("--attn-report", default=None, metavar="PATH",
                     help="write the per-implementation, per-property summary as JSON")
+    group.addoption("--attn-shards", type=int, default=1, metavar="K",
+                    help="split each property's examples into K tests with independent random streams "
+                         "(for pytest-xdist, or a long profile split over runs with -k shard2of4); "
+                         "random profiles only")
 
 
 @dataclass
@@ -61,11 +65,15 @@ class Env:
     profile: str
     max_seqlen: int
     repro_dir: str | None
+    shards: int = 1   # --attn-shards: this test runs 1/shards of the profile's examples
 
     @property
     def settings(self):
         from hypothesis import settings
-        return settings.get_profile(f"flashverify-{self.profile}")
+        profile = settings.get_profile(f"flashverify-{self.profile}")
+        if self.shards == 1:
+            return profile
+        return settings(profile, max_examples=-(-profile.max_examples // self.shards))
 
 
 _XFAILS = pytest.StashKey[dict]()
@@ -75,16 +83,30 @@ def pytest_configure(config):
     _register_profiles()
     config.pluginmanager.register(_Summary(), "flashverify-summary")
     config.stash[_XFAILS] = _xfails_file(config)
+    shards = config.getoption("--attn-shards")
+    if shards < 1:
+        raise pytest.UsageError(f"--attn-shards must be an int >= 1, got {shards}")
+    if shards > 1 and _profile(config) in ("ci",):
+        raise pytest.UsageError(f"--attn-shards {shards} needs a random profile (dev, thorough, release): "
+                                f"the derandomized '{_profile(config)}' profile would draw the same examples in every shard")
     for spec in config.getoption("--attn-impl"):
         if ":" not in spec and spec not in BUILTIN_IMPLEMENTATIONS:
             raise pytest.UsageError(f"--attn-impl must be 'package.module:callable' or a built-in name "
                                     f"({', '.join(BUILTIN_IMPLEMENTATIONS)}), got {spec!r}")
 
 
+def _profile(config) -> str:
+    return config.getoption("--attn-profile") or ("ci" if os.environ.get("CI") else "dev")
+
+
 def pytest_generate_tests(metafunc):
     if "attn_impl" in metafunc.fixturenames:
         specs = metafunc.config.getoption("--attn-impl") or ["flashverify"]
         metafunc.parametrize("attn_impl", specs, indirect=True, ids=specs, scope="session")
+    shards = metafunc.config.getoption("--attn-shards")
+    if shards > 1 and "attn_env" in metafunc.fixturenames:
+        metafunc.parametrize("attn_env", range(shards), indirect=True,
+                             ids=[f"shard{i + 1}of{shards}" for i in range(shards)], scope="session")
 
 
 _loaded: dict = {}
@@ -119,9 +141,9 @@ def attn_env(request) -> Env:
 
     opt = request.config.getoption
     device = opt("--attn-device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    profile = opt("--attn-profile") or ("ci" if os.environ.get("CI") else "dev")
     max_seqlen = opt("--attn-max-seqlen") or (96 if kernels.interpreting() else 512)
-    return Env(device=device, profile=profile, max_seqlen=max_seqlen, repro_dir=opt("--attn-repro-dir"))
+    return Env(device=device, profile=_profile(request.config), max_seqlen=max_seqlen,
+               repro_dir=opt("--attn-repro-dir"), shards=opt("--attn-shards"))
 
 
 @pytest.fixture(scope="session")
@@ -229,6 +251,26 @@ def pytest_runtest_makereport(item, call):
         "worst_case": worst[2].as_dict() if worst else None, "declined": DECLINED.get(key, {})}))
 
 
+_PRECEDENCE = ("failed", "xpassed", "xfail", "passed", "skipped")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """One property's record from the records of its shards (--attn-shards): the most severe
+    outcome (with its detail and reproducer), the worst ratio, the declined cases summed."""
+    first, other = (a, b) if _PRECEDENCE.index(a["outcome"]) <= _PRECEDENCE.index(b["outcome"]) else (b, a)
+    merged = dict(first)
+    ratios = [r for r in (a, b) if r["worst_bound_ratio"] is not None]
+    if ratios:
+        worst = max(ratios, key=lambda r: r["worst_bound_ratio"])
+        merged.update({k: worst[k] for k in ("worst_bound_ratio", "worst_tensor", "worst_case")})
+    declined = dict(a.get("declined") or {})
+    for reason, n in (b.get("declined") or {}).items():
+        declined[reason] = declined.get(reason, 0) + n
+    merged["declined"] = declined
+    merged["shards"] = a.get("shards", 1) + b.get("shards", 1)
+    return merged
+
+
 class _Summary:
     """Per-run collector (one per pytest config, so pytester's nested runs keep their own)."""
 
@@ -238,7 +280,8 @@ class _Summary:
     def pytest_runtest_logreport(self, report):
         for name, record in report.user_properties:
             if name == _USER_PROPERTY:
-                self.outcomes[(record["implementation"], record["property"])] = record
+                key = (record["implementation"], record["property"])
+                self.outcomes[key] = _merge(self.outcomes[key], record) if key in self.outcomes else record
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
         if not self.outcomes:
