@@ -1,4 +1,4 @@
-"""A blockwise flash attention in plain torch, with switches that plant the bugs real kernels shipped.
+"""A blockwise flash attention in plain torch (any device), with switches that plant the bugs real kernels shipped.
 
 `TorchFlash()` with no switch is correct (the property suite must pass it: no false
 failures); each subclass below flips one switch. Used by tests/test_broken.py and
@@ -23,12 +23,13 @@ class _Flash(torch.autograd.Function):
     def forward(ctx, q, k, v, impl, allowed, bias, keep, p_drop, scale):
         B, H, nq, D = q.shape
         nk = k.shape[2]
-        kv_head = (torch.arange(H) % k.shape[1]) if impl.gqa_modulo else (torch.arange(H) // (H // k.shape[1]))
+        heads = torch.arange(H, device=q.device)
+        kv_head = (heads % k.shape[1]) if impl.gqa_modulo else (heads // (H // k.shape[1]))
         k, v = k[:, kv_head].float(), v[:, kv_head].float()
         qf = q.float()
-        m = torch.full((B, H, nq, 1), -math.inf)
-        l = torch.zeros((B, H, nq, 1))
-        acc = torch.zeros((B, H, nq, D))
+        m = torch.full((B, H, nq, 1), -math.inf, device=q.device)
+        l = torch.zeros((B, H, nq, 1), device=q.device)
+        acc = torch.zeros((B, H, nq, D), device=q.device)
         stop = nk - nk % BLOCK if impl.drop_partial_block else nk
         z = 1.0 if keep is None else keep.float() * (1 / (1 - p_drop) if impl.dropout_rescale else 1.0)
         for j in range(0, stop, BLOCK):
@@ -69,8 +70,8 @@ class _Flash(torch.autograd.Function):
         dq = scale * ds @ k
         dk = scale * ds.transpose(-1, -2) @ qf
         hkv = int(kv_head.max()) + 1
-        dk_f = torch.zeros((q.shape[0], hkv, *dk.shape[2:])).index_add_(1, kv_head, dk)
-        dv_f = torch.zeros((q.shape[0], hkv, *dv.shape[2:])).index_add_(1, kv_head, dv)
+        dk_f = torch.zeros((q.shape[0], hkv, *dk.shape[2:]), device=q.device).index_add_(1, kv_head, dk)
+        dv_f = torch.zeros((q.shape[0], hkv, *dv.shape[2:]), device=q.device).index_add_(1, kv_head, dv)
         return dq.to(q.dtype), dk_f.to(q.dtype), dv_f.to(q.dtype), None, None, None, None, None, None
 
 
