@@ -23,7 +23,7 @@ for step in "$@"; do
       timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
     tests)
-      timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider -n 14 -rfE --tb=short tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
+      timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 -rfE --tb=short tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
     golden)
       timeout 90 python3 benchmarks/warm_cache.py 2>&1 | tail -3
       timeout -s INT 150 flashverify golden update 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
