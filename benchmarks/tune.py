@@ -83,8 +83,8 @@ def _compile(job):
         q, k, v, do = _inputs(1, 256, d)
         a = _attn()
         fwd_out = None
-        if kernel != "fwd":
-            o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, _config(d, causal, "fwd", FWD[0])))
+        if kernel != "fwd":   # the backward reads a forward's output: the fixed tiles', as in main()
+            o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, a.default_config(d, torch.float16, masked=causal)))
             fwd_out = (o, stats)
         _run(q, k, v, do, causal, kernel, _config(d, causal, kernel, tile), fwd_out)
         torch.cuda.synchronize()
@@ -102,6 +102,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="default: kernels/tiles/<gpu>.json")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("tune.py measures a GPU's kernels: no CUDA device here")
     a = _attn()
     slug = a.device_slug("cuda")
     out = args.out or os.path.join(a.TILES_DIR, f"{slug}.json")

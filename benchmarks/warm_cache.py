@@ -8,6 +8,7 @@ find every kernel in the cache. Run: python benchmarks/warm_cache.py
 
 import multiprocessing as mp
 import os
+import sys
 import time
 
 
@@ -25,6 +26,9 @@ def _warm(label):
 
 
 if __name__ == "__main__":
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("warm_cache.py compiles the bundled kernel for a GPU: no CUDA device here")
     start = time.time()
     labels = _labels()
     with mp.get_context("spawn").Pool(min(14, os.cpu_count() or 1)) as pool:

@@ -70,6 +70,11 @@ def tuned_tiles(slug: str) -> dict:
             for key, entry in table["tiles"].items()}
 
 
+def block_d(head_dim: int) -> int:
+    """The kernels' padded head dim (BLOCK_D): the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, device=None) -> LaunchConfig:
     """Tile shapes for a problem: the tuned table of this GPU model where one was measured (16-bit
     dtypes, `masked` = causal or windowed), else fixed shapes by head dim, smaller where registers
@@ -77,9 +82,8 @@ def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, devi
     if interpreting():  # numpy: fewer, larger programs are faster; 32 keeps edge tiles exercised
         t = Tile(32, 32)
         return LaunchConfig(t, t, t)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     if device is not None and dtype in (torch.float16, torch.bfloat16):
-        tuned = tuned_tiles(device_slug(device)).get(f"D{block_d}-{'masked' if masked else 'dense'}")
+        tuned = tuned_tiles(device_slug(device)).get(f"D{block_d(head_dim)}-{'masked' if masked else 'dense'}")
         if tuned is not None:
             return tuned
     wide = dtype == torch.float32
@@ -99,7 +103,6 @@ def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, devi
 class _Problem:
     """Checked arguments, in the form the kernels take."""
     scale: float
-    window: bool
     win_left: int
     win_right: int
     bottom_right: bool
@@ -251,7 +254,7 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
                                 for t in (config.fwd, config.dkdv, config.dq)))
     mask, mask_kind = _check_mask(attn_mask, B, H, nq, nk, q.device)
     return _Problem(
-        scale=float(scale), window=enabled, win_left=left, win_right=right,
+        scale=float(scale), win_left=left, win_right=right,
         bottom_right=causal_alignment == "bottom_right",
         key_lengths=_check_key_lengths(key_lengths, B, nk, q.device),
         mask=mask, mask_kind=mask_kind, dropout_p=float(dropout_p), seed=seed,
@@ -268,7 +271,7 @@ def _mask_args(pb: _Problem, fallback):
 
 
 def _flags(pb: _Problem, D: int):
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)),
+    return dict(BLOCK_D=block_d(D),
                 ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
                 MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision,
                 PRECISE_EXP=pb.precise_exp)

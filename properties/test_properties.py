@@ -47,17 +47,18 @@ def for_all(impl, env, strategy, name, backward=False):
     A case the implementation declines (impls.Unsupported) is rejected and counted for the
     summary; if it declines so many that hypothesis gives up, the property is skipped with the
     reason and the counts."""
-    declined, accepted = {}, [0]
+    declined, accepted = {}, 0
 
     def decorate(check):
         @env.settings
         @given(case=strategy)
         def inner(case):
+            nonlocal accepted
             text = reproducer(impl.spec, case, env.device, name, backward=backward)
             note(text)
             try:
                 check(case)
-                accepted[0] += 1
+                accepted += 1
             except Unsupported as e:
                 reason = str(e).splitlines()[0]
                 declined[reason] = declined.get(reason, 0) + 1
@@ -73,7 +74,7 @@ def for_all(impl, env, strategy, name, backward=False):
             if not declined:
                 raise
             top = max(declined, key=declined.get)
-            pytest.skip(f"{impl.name} declined {sum(declined.values())} of the cases drawn, accepted {accepted[0]}: "
+            pytest.skip(f"{impl.name} declined {sum(declined.values())} of the cases drawn, accepted {accepted}: "
                         f"too few to run the property (most often: {top[:300]})")
     return decorate
 

@@ -86,7 +86,7 @@ def pytest_configure(config):
     shards = config.getoption("--attn-shards")
     if shards < 1:
         raise pytest.UsageError(f"--attn-shards must be an int >= 1, got {shards}")
-    if shards > 1 and _profile(config) in ("ci",):
+    if shards > 1 and _profile(config) == "ci":
         raise pytest.UsageError(f"--attn-shards {shards} needs a random profile (dev, thorough, release): "
                                 f"the derandomized '{_profile(config)}' profile would draw the same examples in every shard")
     for spec in config.getoption("--attn-impl"):
