@@ -7,7 +7,7 @@
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
 #            measurement, merged), as $OUT/report.tgz
-#   props-release-a, props-release-b   the release profile on the bundled kernel, in two halves
+#   props-release-1 .. props-release-4   the release profile on the bundled kernel, in quarters
 #   props-torch   torch's kernels (SDPA backends, FlexAttention) with the ci profile
 #   bench-fp16, bench-bf16   half the speed grid each (one 10-minute call each), with the floors
 set -uo pipefail
@@ -25,24 +25,25 @@ for step in "$@"; do
     tests)
       timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 -rfE --tb=short tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
     golden)
-      timeout 90 python3 benchmarks/warm_cache.py 2>&1 | tail -3
-      timeout -s INT 150 flashverify golden update 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
+      timeout -s INT 240 flashverify golden update --jobs 14 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
       cp golden/nvidia-*.json "$OUT/" ;;
     gate)
-      timeout 240 flashverify golden check 2>&1 | grep -v "errors \[" | tee "$OUT/gate.log" | tail -20 ;;
-    report)
+      timeout 240 flashverify golden check --jobs 14 2>&1 | grep -v "errors \[" | tee "$OUT/gate.log" | tail -20 ;;
+    report)   # FlexAttention beside the others: its compiles (one per shape) overlap theirs
       rm -rf rep && mkdir rep
-      timeout 90 python3 benchmarks/warm_cache.py 2>&1 | tail -1
-      timeout 300 flashverify report --impl flashverify --impl sdpa-flash --impl sdpa-efficient --impl naive \
-        --search-examples 30 --out rep/main 2>&1 | grep -v "errors \[" | tail -5
-      timeout 200 flashverify report --impl flex --search-examples 10 --out rep/flex 2>&1 | grep -v "errors \[" | tail -5
-      flashverify report --data rep/main/report.json --data rep/flex/report.json --out rep/h100 | tail -3
+      timeout 470 flashverify report --impl flex --jobs 7 --search-examples 14 --out rep/flex >rep/flex.log 2>&1 &
+      timeout 470 flashverify report --impl flashverify --impl sdpa-flash --impl sdpa-efficient --impl naive \
+        --jobs 9 --search-examples 27 --out rep/main >rep/main.log 2>&1
+      wait
+      grep -hv "errors \[" rep/main.log rep/flex.log | tail -8
+      data=(); for d in main flex; do [ -f rep/$d/report.json ] && data+=(--data rep/$d/report.json); done
+      flashverify report "${data[@]}" --out rep/h100 | tail -3
       tar czf "$OUT/report.tgz" rep ;;
-    props-release-a|props-release-b)   # the release profile in two halves (two 10-minute calls)
-      half=${step#props-release-}; k="shard1of4 or shard2of4"; [ "$half" = b ] && k="shard3of4 or shard4of4"
+    props-release-[1-4])   # the release profile in quarters (one 10-minute call each; the Triton cache
+      q=${step#props-release-}   # of a warm machine carries over): merge with `flashverify merge-properties`
       timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
-        --attn-profile release --attn-shards 4 -k "$k" --attn-report "$OUT/props-release-$half.json" 2>&1 \
-        | tee "$OUT/props-release-$half.log" | grep -v PytestBenchmarkWarning | tail -25 ;;
+        --attn-profile release --attn-shards 4 -k "shard${q}of4" --attn-report "$OUT/props-release-$q.json" 2>&1 \
+        | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | tail -25 ;;
     props-torch)
       timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
         --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \

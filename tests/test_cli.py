@@ -45,3 +45,29 @@ def test_missing_xfails_file_is_a_usage_error(pytester):
                                 "--attn-xfails=/no/such/xfails.txt")
     assert result.ret == 4   # pytest's usage-error status
     result.stderr.fnmatch_lines(["*--attn-xfails: no such file '/no/such/xfails.txt'*"])
+
+
+def _record(prop, outcome, shard, of, ratio=None):
+    return {"implementation": "k", "property": prop, "outcome": outcome, "detail": "", "reproducer": None,
+            "worst_bound_ratio": ratio, "worst_tensor": "o" if ratio else None, "worst_case": None,
+            "declined": {"odd": 1}, "shards": [shard], "of_shards": of}
+
+
+def test_merge_properties_joins_shards_of_separate_runs(tmp_path, capsys):
+    """A release run split over machines: the verdict needs every shard of every property."""
+    import json
+    runs = [[_record("a", "passed", 1, 2, 0.5), _record("b", "passed", 1, 2)],
+            [_record("a", "passed", 2, 2, 0.7), _record("b", "failed", 2, 2)]]
+    paths = []
+    for i, results in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"schema": "flashverify.property-report/1", "results": results}))
+    assert main(["merge-properties", str(paths[0]), "--out", str(tmp_path / "m.json")]) == 1
+    assert "(only shard 1 of 2 ran)" in capsys.readouterr().out
+    assert main(["merge-properties", *map(str, paths), "--out", str(tmp_path / "m.json")]) == 1   # b failed
+    out = capsys.readouterr().out
+    assert "PASSED   k  a  worst o error/bound 0.7\n" in out and "FAILED   k  b" in out and "only" not in out
+    merged = {r["property"]: r for r in json.loads((tmp_path / "m.json").read_text())["results"]}
+    assert merged["a"]["shards"] == [1, 2] and merged["a"]["declined"] == {"odd": 2}
+    assert main(["merge-properties", str(tmp_path / "nope.json")]) == 2
+    assert "reports: cannot read" in capsys.readouterr().err

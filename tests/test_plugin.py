@@ -72,7 +72,12 @@ def test_shards_split_a_property_and_merge_in_the_summary(pytester, tmp_path):
     assert [ln.split()[0] for ln in lines] == ["FAILED", "PASSED"], lines   # one line per property
     records = json.loads(report.read_text())["results"]
     assert sorted((r["implementation"], r["outcome"], r["shards"]) for r in records) == [
-        ("broken_impls:NanOnMaskedRows", "failed", 2), ("broken_impls:TorchFlash", "passed", 2)]
+        ("broken_impls:NanOnMaskedRows", "failed", [1, 2]), ("broken_impls:TorchFlash", "passed", [1, 2])]
+    assert "only shard" not in result.stdout.str()
+    partial = pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=dev",
+                                 "--attn-impl=broken_impls:TorchFlash", "--attn-shards=3", "-k",
+                                 "fully_masked and not shard2of3")
+    partial.stdout.fnmatch_lines(["*PASSED*fully_masked_rows_give_zero*(only shards 1, 3 of 3 ran)*"])
 
 
 def test_shards_with_a_derandomized_profile_are_a_usage_error(pytester):

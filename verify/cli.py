@@ -20,7 +20,7 @@ def cmd_verify(args) -> int:
 
     device = _device(args.device)
     baseline = _baseline(args, device)   # before measuring: a bad --compare fails at once
-    data = report.collect(["flashverify"], device, args.profile, progress_factory=Progress)
+    data = report.collect(["flashverify"], device, args.profile, progress_factory=Progress, jobs=args.jobs)
     errors = data["implementations"]["flashverify"]["errors"]
     print(f"flashverify: bundled Triton kernel on {data['environment']['device']}, profile '{data['profile']}', "
           f"{len(errors)} cases")
@@ -55,27 +55,60 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
-def _baseline(args, device):
-    """--compare PATH, else this platform's golden file if there is one."""
+def _baseline(args, device=None, platform=None):
+    """--compare PATH, else the golden file of this platform (the device's, or the data's) if there is one."""
     from . import golden, report
     if getattr(args, "compare", None):
         return report.load_baseline(args.compare)
-    path = golden.path_for(golden.platform_name(device))
+    path = golden.path_for(platform or golden.platform_name(device))
     return golden.read(path) if os.path.exists(path) else None
 
 
 def cmd_report(args) -> int:
     from . import report
-    device = _device(args.device)
-    baseline = _baseline(args, device)
-    if args.data:  # re-render (and merge) earlier measurements instead of measuring
+    if args.data:  # re-render (and merge) earlier measurements, from any machine: no device needed
         data = report.merge([report.load_baseline(p) for p in args.data])
+        baseline = _baseline(args, platform=data["platform"])
     else:
+        device = _device(args.device)
+        baseline = _baseline(args, device)
         data = report.collect(args.impl or ["flashverify"], device, args.profile, args.search_examples,
-                              progress_factory=Progress)
+                              progress_factory=Progress, jobs=args.jobs)
     paths = report.write(args.out, data, baseline)
     print(f"Report: {paths['html']}\n        {paths['md']}\n        {paths['json']}")
     return 0
+
+
+def cmd_merge_properties(args) -> int:
+    """Property reports (--attn-report) of runs that each ran some shards, as one: a release run
+    split over CI jobs or machines. Exit 1 if any property failed or any shard is missing."""
+    import json
+
+    from .plugin import coverage, merge_records
+    merged = {}
+    for path in args.reports:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"reports: cannot read {path}: {e}") from e
+        if data.get("schema") != "flashverify.property-report/1":
+            raise UsageError(f"reports: {path} is not a property report (--attn-report), schema {data.get('schema')!r}")
+        for r in data["results"]:
+            key = (r["implementation"], r["property"])
+            merged[key] = merge_records(merged[key], r) if key in merged else r
+    bad = 0
+    for (spec, prop), r in sorted(merged.items()):
+        partial = coverage(r)
+        bad += r["outcome"] in ("failed", "xpassed") or bool(partial)
+        worst = f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}" if r["worst_bound_ratio"] else ""
+        print(f"{r['outcome'].upper():8s} {spec}  {prop}{worst}" + (f"  ({partial})" if partial else "")
+              + (f"  - {r['detail']}" if r["detail"] else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"schema": "flashverify.property-report/1", "results": list(merged.values())}, f, indent=1)
+    print(f"{len(merged)} properties from {len(args.reports)} reports; {bad} failed or incomplete")
+    return 1 if bad else 0
 
 
 class UsageError(Exception):
@@ -101,6 +134,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _jobs_option(parser):
+    parser.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                        help="measure cases in N processes (compiling kernels dominates a GPU run: use "
+                             "about the number of CPU cores); results do not depend on N (default: 1)")
+
+
 class Progress:
     """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
 
@@ -121,19 +160,25 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def measure(specs, device, with_errors=True, with_memory=True) -> dict:
+def measure(specs, device, with_errors=True, with_memory=True, jobs=1) -> dict:
     """Fresh golden-layout results for each implementation spec, on this machine's case profile."""
     from . import golden
     from .impls import load
     from .profiles import profile
+    from .workers import Workers
 
     cases = profile("gpu" if golden.device_kind(device) == "cuda" else "cpu") if with_errors else None
     out = {}
-    for spec in specs:
-        bar = Progress(len(cases), f"{spec} errors") if cases else None
-        out[spec] = golden.measure(load(spec, device=device), device, cases, with_memory, progress=bar)
-        if "memory_error" in out[spec]:
-            print(f"{spec}: memory not measurable here: {out[spec]['memory_error']}", file=sys.stderr)
+    with Workers(jobs, device) as workers:
+        for spec in specs:
+            impl = load(spec, device=device)
+            out[spec] = {}
+            if cases:
+                out[spec]["errors"] = workers.errors(spec, impl, cases, Progress(len(cases), f"{spec} errors"))
+            if with_memory:
+                out[spec].update(golden.memory_entry(impl, device))
+            if "memory_error" in out[spec]:
+                print(f"{spec}: memory not measurable here: {out[spec]['memory_error']}", file=sys.stderr)
     return out
 
 
@@ -154,7 +199,7 @@ def cmd_golden(args) -> int:
             print("error: --as needs exactly one --impl", file=sys.stderr)
             return 2
         measured = {name for name in ("errors", "memory") if any(name in e for e in ref["implementations"].values())}
-        fresh = measure(specs, device, "errors" in measured, "memory" in measured)
+        fresh = measure(specs, device, "errors" in measured, "memory" in measured, args.jobs)
         try:
             changes = golden.compare(ref, fresh, {specs[0]: args.as_name} if args.as_name else None)
         except golden.GoldenError as e:
@@ -181,7 +226,7 @@ def cmd_golden(args) -> int:
             return 2
         old = None
     specs = args.impl or ["flashverify", "naive"]
-    fresh = measure(specs, device)
+    fresh = measure(specs, device, jobs=args.jobs)
     new = {"schema": golden.SCHEMA, "platform": platform, "environment": golden.environment(device),
            "implementations": {**(old["implementations"] if old else {}), **fresh}}
     lines = golden.diff(old, new)
@@ -204,6 +249,7 @@ def main(argv=None) -> int:
                    help="where to write the report (default: ./flashverify-report)")
     v.add_argument("--compare", metavar="PATH", help="baseline: an older report.json or a golden file "
                    "(default: this platform's golden file)")
+    _jobs_option(v)
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("report", help="write an error-bound report (Markdown, HTML, JSON) for implementations")
     r.add_argument("--impl", action="append", default=[], metavar="SPEC",
@@ -217,6 +263,7 @@ def main(argv=None) -> int:
                    "(default: this platform's golden file)")
     r.add_argument("--data", action="append", default=[], metavar="REPORT_JSON",
                    help="render from earlier report.json files (merged in order) instead of measuring")
+    _jobs_option(r)
     r.set_defaults(func=cmd_report)
     g = sub.add_parser("golden", help="the golden-result gate: check a fresh run against golden/, or update it")
     g.add_argument("action", choices=("check", "update"))
@@ -228,7 +275,13 @@ def main(argv=None) -> int:
                    help="check: hold the one --impl to the golden entry NAME (e.g. a candidate build)")
     g.add_argument("--golden-dir", default=None, help="directory of the golden files (default: the package's)")
     g.add_argument("--force", action="store_true", help="update: overwrite a corrupt golden file")
+    _jobs_option(g)
     g.set_defaults(func=cmd_golden)
+    m = sub.add_parser("merge-properties", help="merge property reports (--attn-report) of runs over parts "
+                       "of the shards (--attn-shards) into one verdict")
+    m.add_argument("reports", nargs="+", metavar="REPORT_JSON")
+    m.add_argument("--out", metavar="PATH", help="write the merged report here")
+    m.set_defaults(func=cmd_merge_properties)
     args = parser.parse_args(argv)
     from .golden import GoldenError
     from .impls import ImplementationNotFound

@@ -160,18 +160,17 @@ def collect_memory(impl, device, ns=None) -> dict:
     return out
 
 
-def measure(impl, device, cases: dict | None, with_memory: bool = True, progress=None) -> dict:
-    """One implementation's golden-layout entry: errors on `cases` (None: skip) and memory
-    scaling; memory that cannot be measured here is recorded as 'memory_error' and the run goes on."""
-    entry = {}
-    if cases is not None:
-        entry["errors"] = collect_errors(impl, cases, device, progress=progress)
-    if with_memory:
-        try:
-            entry["memory"] = collect_memory(impl, device)
-        except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker: say so, go on
-            entry["memory_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return entry
+def memory_entry(impl, device) -> dict:
+    """{'memory': scaling} of one implementation, measured in this process (its own allocator peak);
+    memory that cannot be measured here is recorded as {'memory_error': why} and the run goes on."""
+    import torch
+    try:
+        return {"memory": collect_memory(impl, device)}
+    except Exception as e:  # noqa: BLE001 - e.g. FlexAttention under the CPU tracker: say so, go on
+        return {"memory_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    finally:   # naive attention at the largest N leaves ~20 GiB cached: give it back to the --jobs workers
+        if device_kind(device) == "cuda":
+            torch.cuda.empty_cache()
 
 
 def environment(device) -> dict:

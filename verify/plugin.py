@@ -245,18 +245,22 @@ def pytest_runtest_makereport(item, call):
         return
     status, detail, repro = _outcome(report)
     worst = WORST.get(key)
+    shards = item.config.getoption("--attn-shards")
+    shard = item.callspec.params.get("attn_env") if shards > 1 else None
     report.user_properties.append((_USER_PROPERTY, {
         "implementation": key[0], "property": key[1], "outcome": status, "detail": detail, "reproducer": repro,
         "worst_bound_ratio": worst[0] if worst else None, "worst_tensor": worst[1] if worst else None,
-        "worst_case": worst[2].as_dict() if worst else None, "declined": DECLINED.get(key, {})}))
+        "worst_case": worst[2].as_dict() if worst else None, "declined": DECLINED.get(key, {}),
+        **({"shards": [shard + 1], "of_shards": shards} if shard is not None else {})}))
 
 
 _PRECEDENCE = ("failed", "xpassed", "xfail", "passed", "skipped")
 
 
-def _merge(a: dict, b: dict) -> dict:
-    """One property's record from the records of its shards (--attn-shards): the most severe
-    outcome (with its detail and reproducer), the worst ratio, the declined cases summed."""
+def merge_records(a: dict, b: dict) -> dict:
+    """One property's record from the records of its shards (--attn-shards), of one run or of
+    several: the most severe outcome (with its detail and reproducer), the worst ratio, the
+    declined cases summed, the shards that ran listed."""
     first, other = (a, b) if _PRECEDENCE.index(a["outcome"]) <= _PRECEDENCE.index(b["outcome"]) else (b, a)
     merged = dict(first)
     ratios = [r for r in (a, b) if r["worst_bound_ratio"] is not None]
@@ -267,8 +271,16 @@ def _merge(a: dict, b: dict) -> dict:
     for reason, n in (b.get("declined") or {}).items():
         declined[reason] = declined.get(reason, 0) + n
     merged["declined"] = declined
-    merged["shards"] = a.get("shards", 1) + b.get("shards", 1)
+    merged["shards"] = sorted(set(a.get("shards", [])) | set(b.get("shards", [])))
     return merged
+
+
+def coverage(record: dict) -> str:
+    """'' when the record covers the whole profile, else which shards ran ('shards 1, 3 of 4 ran')."""
+    ran, of = record.get("shards", []), record.get("of_shards")
+    if not of or len(ran) == of:
+        return ""
+    return f"only shard{'s' if len(ran) > 1 else ''} {', '.join(map(str, ran))} of {of} ran"
 
 
 class _Summary:
@@ -281,7 +293,7 @@ class _Summary:
         for name, record in report.user_properties:
             if name == _USER_PROPERTY:
                 key = (record["implementation"], record["property"])
-                self.outcomes[key] = _merge(self.outcomes[key], record) if key in self.outcomes else record
+                self.outcomes[key] = merge_records(self.outcomes[key], record) if key in self.outcomes else record
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
         if not self.outcomes:
@@ -296,7 +308,9 @@ class _Summary:
                     continue
                 worst = (f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}"
                          if r["worst_bound_ratio"] is not None else "")
-                tr.write_line(f"  {r['outcome'].upper():8s} {prop}{worst}" + (f"  - {r['detail']}" if r["detail"] else ""))
+                partial = f"  ({coverage(r)})" if coverage(r) else ""
+                tr.write_line(f"  {r['outcome'].upper():8s} {prop}{worst}{partial}"
+                              + (f"  - {r['detail']}" if r["detail"] else ""))
                 declined = r.get("declined") or {}
                 if declined and r["outcome"] != "skipped":
                     top = max(declined, key=declined.get)

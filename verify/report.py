@@ -32,45 +32,54 @@ SEARCH_EXAMPLES = {"cpu": 6, "cuda": 60}
 
 # --- measuring ----------------------------------------------------------------------------------
 
-def collect(specs, device, profile_name=None, search_examples=None, progress_factory=None) -> dict:
-    """Everything the report shows, for each implementation spec (JSON-ready)."""
-    from .case import Case
+def collect(specs, device, profile_name=None, search_examples=None, progress_factory=None, jobs=1) -> dict:
+    """Everything the report shows, for each implementation spec (JSON-ready); cases and the
+    search spread over `jobs` processes (verify.workers)."""
     from .impls import load
     from .profiles import profile
+    from .workers import Workers
 
     kind = golden.device_kind(device)
     profile_name = profile_name or ("gpu" if kind == "cuda" else "cpu")
     cases = profile(profile_name)
     data = {"schema": SCHEMA, "platform": golden.platform_name(device), "environment": golden.environment(device),
             "profile": profile_name, "implementations": {}}
-    for spec in specs:
-        impl = load(spec, device=device)
-        caps = impl.capabilities
-        entry = {"capabilities": {"dtypes": list(caps.dtypes), "backward": caps.backward, "lse": caps.lse,
-                                  "dropout": caps.dropout and caps.keep_mask, "notes": caps.notes}}
-        bar = progress_factory(len(cases), f"{spec}: errors") if progress_factory else None
-        entry.update(golden.measure(impl, device, cases, progress=bar))
-        sweep = SWEEP[kind]
-        entry["error_vs_n"] = {}
-        for dtype in ("float16", "bfloat16"):
-            if dtype not in caps.dtypes:
-                continue
-            sweep_cases = {f"N{n}": Case(seqlen_q=n, seqlen_k=n, head_dim=sweep["head_dim"], dtype=dtype)
-                           for n in sweep["ns"]}
-            errors = golden.collect_errors(impl, sweep_cases, device)
-            if any("raised" in e for e in errors.values()):
-                entry["error_vs_n"][dtype] = {"raised": next(e["raised"] for e in errors.values() if "raised" in e)}
-                continue
-            tensors = [t for t in TENSORS if t in errors[f"N{sweep['ns'][0]}"]]
-            entry["error_vs_n"][dtype] = {"n": list(sweep["ns"]), "head_dim": sweep["head_dim"],
-                                          **{t: [errors[f"N{n}"][t]["rel_fro"] for n in sweep["ns"]]
-                                             for t in tensors},
-                                          # the naive low-precision error on the same inputs, for scale
-                                          **{f"{t}_naive": [_naive_error(errors[f"N{n}"][t]) for n in sweep["ns"]]
-                                             for t in tensors}}
-        entry["worst"] = worst_case(impl, spec, device, search_examples or SEARCH_EXAMPLES[kind])
-        data["implementations"][spec] = entry
+    with Workers(jobs, str(device)) as workers:
+        for spec in specs:
+            data["implementations"][spec] = _collect_one(spec, load(spec, device=device), device, cases, kind,
+                                                         search_examples, progress_factory, workers)
     return data
+
+
+def _collect_one(spec, impl, device, cases, kind, search_examples, progress_factory, workers) -> dict:
+    from .case import Case
+    caps = impl.capabilities
+    entry = {"capabilities": {"dtypes": list(caps.dtypes), "backward": caps.backward, "lse": caps.lse,
+                              "dropout": caps.dropout and caps.keep_mask, "notes": caps.notes}}
+    bar = progress_factory(len(cases), f"{spec}: errors") if progress_factory else None
+    entry["errors"] = workers.errors(spec, impl, cases, progress=bar)
+    entry.update(golden.memory_entry(impl, device))
+    sweep = SWEEP[kind]
+    entry["error_vs_n"] = {}
+    for dtype in ("float16", "bfloat16"):
+        if dtype not in caps.dtypes:
+            continue
+        sweep_cases = {f"N{n}": Case(seqlen_q=n, seqlen_k=n, head_dim=sweep["head_dim"], dtype=dtype)
+                       for n in sweep["ns"]}
+        errors = workers.errors(spec, impl, sweep_cases)
+        if any("raised" in e for e in errors.values()):
+            entry["error_vs_n"][dtype] = {"raised": next(e["raised"] for e in errors.values() if "raised" in e)}
+            continue
+        tensors = [t for t in TENSORS if t in errors[f"N{sweep['ns'][0]}"]]
+        entry["error_vs_n"][dtype] = {"n": list(sweep["ns"]), "head_dim": sweep["head_dim"],
+                                      **{t: [errors[f"N{n}"][t]["rel_fro"] for n in sweep["ns"]]
+                                         for t in tensors},
+                                      # the naive low-precision error on the same inputs, for scale
+                                      **{f"{t}_naive": [_naive_error(errors[f"N{n}"][t]) for n in sweep["ns"]]
+                                         for t in tensors}}
+    entry["worst"] = workers.worst_case(spec, impl, search_examples or SEARCH_EXAMPLES[kind])
+    entry["worst_search_examples"] = search_examples or SEARCH_EXAMPLES[kind]
+    return entry
 
 
 def _naive_error(metrics: dict):
@@ -78,9 +87,10 @@ def _naive_error(metrics: dict):
     return metrics["rel_fro"] / ratio if ratio else None
 
 
-def worst_case(impl, spec, device, examples: int) -> dict | None:
-    """A short targeted search (hypothesis.target on error/bound) for the implementation's worst case."""
-    from hypothesis import HealthCheck, given, settings, target
+def worst_case(impl, spec, device, examples: int, shard: int | None = None) -> dict | None:
+    """A short targeted search (hypothesis.target on error/bound) for the implementation's worst case;
+    derandomized, or seeded with `shard` when the search is split over processes."""
+    from hypothesis import HealthCheck, given, seed, settings, target
 
     from .evaluate import evaluate
     from flashverify.properties import strategies as fst
@@ -89,7 +99,7 @@ def worst_case(impl, spec, device, examples: int) -> dict | None:
     max_seqlen = 1024 if golden.device_kind(device) == "cuda" else 96
     worst = {}
 
-    @settings(max_examples=examples, database=None, deadline=None, derandomize=True,
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=shard is None,
               suppress_health_check=list(HealthCheck))
     @given(fst.cases(impl.capabilities, max_seqlen=max_seqlen))
     def search(case):
@@ -104,6 +114,8 @@ def worst_case(impl, spec, device, examples: int) -> dict | None:
                          reproducer=reproducer(spec, case, device, "worst_case",
                                               title=f"worst case the targeted search found for {spec}"))
 
+    if shard is not None:
+        search = seed(shard)(search)
     try:
         search()
     except Exception as e:  # noqa: BLE001 - the report shows what went wrong and goes on
@@ -227,9 +239,10 @@ def build(data: dict, baseline: dict | None, images: dict) -> list[Block]:
         if "error" in w and "case" not in w:
             blocks.append(Block("text", f"**{spec}**: the search stopped: {w['error']}"))
             continue
+        searched = f" in {entry['worst_search_examples']} examples" if "worst_search_examples" in entry else ""
         blocks.append(Block("text", f"**{spec}**: {w['tensor']} at {w['bound_ratio']:.3f} of its bound "
                                     f"(relative error {w['rel_fro']:.2e}, naive ratio "
-                                    f"{_fmt(w['reference_ratio'], '.2f')}) on `{w['case']}`"))
+                                    f"{_fmt(w['reference_ratio'], '.2f')}){searched} on `{w['case']}`"))
         blocks.append(Block("code", w["reproducer"]))
     blocks.append(Block("heading", "Every case"))
     for spec, entry in data["implementations"].items():
@@ -281,14 +294,17 @@ def _baseline_cell(marks, baseline) -> str:
 
 def plots(data: dict) -> dict[str, bytes]:
     """PNG bytes of the memory-scaling and error-vs-N plots (matplotlib, no display needed).
-    One colour per implementation in both; in the error plot the line style tells the dtype."""
+    One colour and hollow marker per implementation in both, the markers shrinking from the first
+    implementation on, so that equal results drawn on top of each other stay visible; in the
+    error plot the line style tells the dtype."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = {}
     entries = data["implementations"]
-    colour = {spec: f"C{i}" for i, spec in enumerate(entries)}
+    look = {spec: dict(color=f"C{i}", marker="osD^vP*X"[i % 8], markersize=max(3.0, 9.0 - 1.5 * i),
+                       markerfacecolor="none", markeredgewidth=1.4) for i, spec in enumerate(entries)}
     if any(e.get("memory") for e in entries.values()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
         for ax, pass_name in zip(axes, ("forward", "forward+backward")):
@@ -297,8 +313,7 @@ def plots(data: dict) -> dict[str, bytes]:
                 m = e.get("memory", {}).get(pass_name)
                 if not m:
                     continue
-                ax.loglog(m["n"], m["peak_bytes"], "o-", color=colour[spec],
-                          label=f"{spec} (exponent {m['exponent']:.2f})")
+                ax.loglog(m["n"], m["peak_bytes"], "-", **look[spec], label=f"{spec} (exponent {m['exponent']:.2f})")
                 minimum = m
             if minimum:
                 ax.loglog(minimum["n"], minimum["minimum_bytes"], "k--", label="physical minimum")
@@ -312,18 +327,17 @@ def plots(data: dict) -> dict[str, bytes]:
     sweeps = [(spec, dtype, s) for spec, e in entries.items() for dtype, s in e.get("error_vs_n", {}).items()
               if "raised" not in s]
     if sweeps:
-        style = {"float16": ("-", "o"), "bfloat16": ("--", "s")}
+        line = {"float16": "-", "bfloat16": "--"}
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
         for ax, tensor in zip(axes, ("o", "dq")):
             drawn = set()
             for spec, dtype, s in sweeps:
-                line, marker = style[dtype]
                 if tensor in s:
-                    ax.loglog(s["n"], s[tensor], line, marker=marker, color=colour[spec], label=f"{spec} {dtype}")
+                    ax.loglog(s["n"], s[tensor], line[dtype], **look[spec], label=f"{spec} {dtype}")
                 naive = s.get(f"{tensor}_naive")
                 if "naive" not in entries and naive and None not in naive and dtype not in drawn:
                     drawn.add(dtype)   # the naive low-precision error for scale, once per dtype
-                    ax.loglog(s["n"], naive, line, color="gray", alpha=0.6, label=f"naive {dtype} (reference)")
+                    ax.loglog(s["n"], naive, line[dtype], color="gray", alpha=0.6, label=f"naive {dtype} (reference)")
             _plain_n_ticks(ax, sweeps[0][2]["n"])
             ax.set_title(f"{'O' if tensor == 'o' else 'dQ'}: dense, D={sweeps[0][2]['head_dim']}")
             ax.set_xlabel("sequence length N (Nq = Nk)")
@@ -336,8 +350,9 @@ def plots(data: dict) -> dict[str, bytes]:
 
 
 def _plain_n_ticks(ax, ns):
+    from matplotlib.ticker import NullLocator
     ax.set_xticks(ns, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in ns])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(NullLocator())   # y keeps its minor ticks: labelled when the range is narrow
 
 
 def _png(fig, plt) -> bytes:
