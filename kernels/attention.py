@@ -271,7 +271,7 @@ def _mask_args(pb: _Problem, fallback):
 
 
 def _flags(pb: _Problem, D: int):
-    return dict(BLOCK_D=block_d(D),
+    return dict(BLOCK_D=block_d(D), EVEN_D=D == block_d(D),
                 ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
                 MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision,
                 PRECISE_EXP=pb.precise_exp)

@@ -44,6 +44,12 @@ MASK_BOOL = tl.constexpr(1)
 MASK_ADD = tl.constexpr(2)
 
 
+# Integer arguments that take many values across a property run and never set an address's
+# alignment: not specialized on (Triton would compile a kernel for every combination of their
+# "== 1" / "% 16 == 0" properties). Lengths, strides and D stay specialized: they do.
+NOT_SPECIALIZED = ["H", "GROUP", "win_left", "win_right", "seed"]
+
+
 @triton.jit
 def _round_to_tf32(x):
     """Round float32 to tf32 (10-bit mantissa), to nearest, ties away - as cuBLAS does. The MMA
@@ -208,16 +214,41 @@ def _query_blocks(n0, nk, shift, win_left, win_right, NQ, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _load_tile(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a tile of rows x head dim, masked only where it can run past the tensor: rows past the
+    sequence (edge blocks only: interior blocks lie wholly inside it, see _split) and a head dim
+    padded to BLOCK_D (EVEN_D: D == BLOCK_D). Unmasked loads vectorize and pipeline freely."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok & d_ok, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE: tl.constexpr, EVEN_D: tl.constexpr):
+    """The key and value tiles of the key block at offs_n (forward and dQ loops)."""
+    n_ok = offs_n[:, None] < NK
+    k = _load_tile(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, EDGE, EVEN_D)
+    v = _load_tile(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, n_ok, d_ok, EDGE, EVEN_D)
+    return k, v
+
+
+@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd, svn, svd,
                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p, seed,
-                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
+                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """Online softmax over the key blocks [start, end) for one query block."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < NK
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
         s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
                             mask_base, smm, smn, NQ, NK, EDGE, MASK_KIND, PRECISE_EXP)
@@ -233,12 +264,12 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod, smb, smh, smm, smn,
                 H, GROUP, NQ, NK, D, qk_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                 ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 PRECISE_EXP: tl.constexpr):
@@ -266,13 +297,13 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     # Edge blocks, interior blocks (no per-score masking), edge blocks.
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd, svn, svd,
                                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
-                                seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn, skd, svn, svd,
-                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
-                                seed, BLOCK_N, False, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                                seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn, skd,
+                                svn, svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
+                                dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd, svn, svd,
                                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
-                                seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                                seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -336,30 +367,36 @@ def _bwd_probs(s2, dp, row_max, row_logl, delta, qi, kj, bh, nk, shift, win_left
 
 
 @triton.jit
-def _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ):
+def _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, CHECK_ROWS: tl.constexpr):
     """Row max and log-normaliser (score units; 0 on fully masked rows, whose scores are all
-    -inf) and delta."""
-    ok = offs_m < NQ
-    row_max = tl.load(STATS + bh * NQ + offs_m, mask=ok, other=0.0)
-    row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m, mask=ok, other=0.0)
-    delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
+    -inf) and delta; rows past the sequence only in edge blocks (CHECK_ROWS)."""
+    if CHECK_ROWS:
+        ok = offs_m < NQ
+        row_max = tl.load(STATS + bh * NQ + offs_m, mask=ok, other=0.0)
+        row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m, mask=ok, other=0.0)
+        delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
+    else:
+        row_max = tl.load(STATS + bh * NQ + offs_m)
+        row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m)
+        delta = tl.load(DELTA + bh * NQ + offs_m)
     return row_max, row_logl, delta
 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, start, end, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
                  STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                 qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+                 qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr,
+                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 PRECISE_EXP: tl.constexpr):
     """dK, dV contributions of the query blocks [start, end) of one query head, on transposed
     tiles (keys as rows)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                      mask=(offs_d[:, None] < D) & (offs_m[None, :] < NQ), other=0.0)  # [D, M]
-        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                     mask=(offs_m[:, None] < NQ) & d_ok, other=0.0)
-        row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
+        q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
+                         offs_d[:, None] < D, EDGE, EVEN_D)                    # [D, M]
+        do = _load_tile(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, offs_m[:, None] < NQ, d_ok,
+                        EDGE, EVEN_D)
+        row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, EDGE)
         s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
         dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
         p_t, ds_t = _bwd_probs(s2_t, dp_t, row_max[None, :], row_logl[None, :], delta[None, :], offs_m[None, :],
@@ -370,13 +407,13 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, start, end, offs_n, offs_d, D, d
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED + ["HKV"])
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                      smb, smh, smm, smn,
                      H, HKV, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      PRECISE_EXP: tl.constexpr):
@@ -408,15 +445,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
         # Edge blocks, interior blocks (no per-score masking), edge blocks.
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
                               STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
-                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, MASK_KIND, DROPOUT, DOT_PRECISION,
+                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
                               PRECISE_EXP)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_lo, mid_hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom,
                               sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
-                              NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, False, MASK_KIND, DROPOUT, DOT_PRECISION,
-                              PRECISE_EXP)
+                              NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, False, EVEN_D, MASK_KIND, DROPOUT,
+                              DOT_PRECISION, PRECISE_EXP)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
                               STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
-                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, MASK_KIND, DROPOUT, DOT_PRECISION,
+                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
                               PRECISE_EXP)
 
     dk = dk * sm_scale
@@ -429,14 +466,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
 @triton.jit
 def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd,
                svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p, seed,
-               BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+               BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """dQ contributions of the key blocks [start, end) for one query block."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < NK
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok & d_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok & d_ok, other=0.0)
+        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
         s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
         _, ds = _bwd_probs(s2, dp, row_max[:, None], row_logl[:, None], delta[:, None], offs_m[:, None],
@@ -446,12 +481,12 @@ def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
                    H, GROUP, NQ, NK, D, qk_scale, sm_scale, win_left, win_right, dropout_p, seed, STATS_LOGL,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                    ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    PRECISE_EXP: tl.constexpr):
@@ -468,7 +503,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=m_ok, other=0.0)
-    row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ)
+    row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, True)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -480,13 +515,13 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     # Edge blocks, interior blocks (no per-score masking), edge blocks.
     dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd,
                     svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
-                    seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                    seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
     dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn,
                     skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
-                    dropout_p, seed, BLOCK_N, False, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                    dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
     dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd,
                     svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
-                    seed, BLOCK_N, True, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                    seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
 
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
