@@ -55,7 +55,7 @@ def test_a_golden_file_is_a_valid_baseline(naive_data, tmp_path):
 
 
 def test_report_cli(tmp_path, capsys, device):
-    assert main(["report", "--impl", "naive", "--device", device, "--search-examples", "2",
+    assert main(["report", "--impl", "naive", "--device", device, "--search-examples", "2", "--jobs", "2",
                  "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "report.html" in out and (tmp_path / "r" / "report.md").exists()
