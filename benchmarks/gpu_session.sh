@@ -52,7 +52,8 @@ for step in "$@"; do
     bench-fp16|bench-bf16)
       dt=${step#bench-}
       python3 benchmarks/floors.py "$OUT/floors.json" >/dev/null
-      timeout 520 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "$dt" \
+      timeout 200 python3 benchmarks/test_speed.py -k "$dt" 2>&1 | tail -4
+      timeout -s INT 330 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "$dt" \
         --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
       tail -3 "$OUT/bench-$dt.log"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
