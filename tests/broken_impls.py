@@ -27,6 +27,8 @@ class _Flash(torch.autograd.Function):
         kv_head = (heads % k.shape[1]) if impl.gqa_modulo else (heads // (H // k.shape[1]))
         k, v = k[:, kv_head].float(), v[:, kv_head].float()
         qf = q.float()
+        if impl.tf32_dots and q.dtype == torch.float32:   # what allow_tf32 does to a float32 matmul
+            qf, k, v = _tf32(qf), _tf32(k), _tf32(v)
         m = torch.full((B, H, nq, 1), -math.inf, device=q.device)
         l = torch.zeros((B, H, nq, 1), device=q.device)
         acc = torch.zeros((B, H, nq, D), device=q.device)
@@ -67,12 +69,26 @@ class _Flash(torch.autograd.Function):
         dp = (dof @ v.transpose(-1, -2)) * z
         delta = (dof * o.to(q.dtype).float()).sum(-1, keepdim=True) if impl.use_delta else 0.0
         ds = p * (dp - delta)
-        dq = scale * ds @ k
+        if impl.dense_backward_bug and not impl.causal_call:   # the non-causal path skips the last partial block
+            cut = k.shape[2] - k.shape[2] % BLOCK
+            ds, dv = ds.clone(), dv.clone()
+            ds[..., cut:] = 0
+            dv[..., cut:, :] = 0
+        if impl.nondeterministic_dq:   # key blocks summed in arrival order, as with atomic adds
+            order = torch.randperm(-(-k.shape[2] // BLOCK)).tolist()
+            dq = sum(scale * ds[..., j * BLOCK:(j + 1) * BLOCK] @ k[:, :, j * BLOCK:(j + 1) * BLOCK] for j in order)
+        else:
+            dq = scale * ds @ k
         dk = scale * ds.transpose(-1, -2) @ qf
         hkv = int(kv_head.max()) + 1
         dk_f = torch.zeros((q.shape[0], hkv, *dk.shape[2:]), device=q.device).index_add_(1, kv_head, dk)
         dv_f = torch.zeros((q.shape[0], hkv, *dv.shape[2:]), device=q.device).index_add_(1, kv_head, dv)
         return dq.to(q.dtype), dk_f.to(q.dtype), dv_f.to(q.dtype), None, None, None, None, None, None
+
+
+def _tf32(x):
+    """x rounded to TensorFloat-32 (10 explicit mantissa bits), to nearest."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 class TorchFlash(Implementation):
@@ -90,9 +106,13 @@ class TorchFlash(Implementation):
     alignment_override = None
     assume_contiguous = False
     accumulate = torch.float32
+    tf32_dots = False
+    nondeterministic_dq = False
+    dense_backward_bug = False
 
 
     def forward(self, case, inputs, q, k, v):
+        self.causal_call = case.causal
         masking_case = case if self.alignment_override is None else case.replace(
             causal_alignment=self.alignment_override)
         allowed, bias = masking_case.masking(inputs).allowed_and_bias(
@@ -168,6 +188,21 @@ class DropoutWithoutRescale(TorchFlash):
 class OnlineSoftmaxWithoutRescale(TorchFlash):
     """The running accumulator is not rescaled when the running max grows."""
     rescale = False
+
+
+class UsesTf32(TorchFlash):
+    """float32 inputs multiplied in TensorFloat-32 (torch.backends.cuda.matmul.allow_tf32 left on)."""
+    tf32_dots = True
+
+
+class NondeterministicDq(TorchFlash):
+    """dQ summed over key blocks in a different order on every call (atomic adds)."""
+    nondeterministic_dq = True
+
+
+class BackwardWrongWhenDense(TorchFlash):
+    """The non-causal backward drops the last partial key block's dK and dV; causal is right."""
+    dense_backward_bug = True
 
 
 class AccumulatesInBf16(TorchFlash):
