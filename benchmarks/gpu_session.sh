@@ -41,7 +41,7 @@ for step in "$@"; do
       tar czf "$OUT/report.tgz" rep ;;
     props-release-[1-4])   # the release profile in quarters (one 10-minute call each; the Triton cache
       q=${step#props-release-}   # of a warm machine carries over): merge with `flashverify merge-properties`
-      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties \
+      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
         --attn-profile release --attn-shards 4 -k "shard${q}of4" --attn-report "$OUT/props-release-$q.json" 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | tail -25 ;;
     props-torch)
