@@ -34,6 +34,7 @@ PLANTED = [
     (bi.UsesTf32, props.test_forward_within_bounds, r"dtype='float32'"),
     (bi.NondeterministicDq, props.test_deterministic, "dq differs between two identical calls"),
     (bi.BackwardWrongWhenDense, props.test_backward_within_bounds, r"causal=False"),   # shrunk to a dense case
+    (bi.BackwardIgnoresDelta, props.test_agrees_with_mpmath_on_sampled_rows, "against mpmath: d"),
 ]
 
 
@@ -52,7 +53,8 @@ def _messages(error) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("cls,prop,text", PLANTED, ids=[c.__name__ for c, _, _ in PLANTED])
+@pytest.mark.parametrize("cls,prop,text", PLANTED, ids=[f"{c.__name__}-{p.__name__.removeprefix('test_')}"
+                                                         for c, p, _ in PLANTED])
 def test_planted_bug_is_found(cls, prop, text):
     start = time.perf_counter()
     with pytest.raises((AssertionError, FlakyFailure)) as info:
@@ -66,7 +68,8 @@ def test_planted_bug_is_found(cls, prop, text):
 CORRECT_PROPERTIES = [props.test_forward_within_bounds, props.test_backward_within_bounds,
                       props.test_causal_alignment_with_unequal_lengths, props.test_fully_masked_rows_give_zero,
                       props.test_gqa_equals_repeated_kv, props.test_dropout_gradient_matches_forward_mask,
-                      props.test_dropout_unbiased, props.test_deterministic]
+                      props.test_dropout_unbiased, props.test_deterministic,
+                      props.test_agrees_with_mpmath_on_sampled_rows]
 
 
 @pytest.mark.parametrize("prop", CORRECT_PROPERTIES, ids=[p.__name__ for p in CORRECT_PROPERTIES])

@@ -111,3 +111,22 @@ def test_mp_oracle_precision_is_configurable():
     lo, hi = MpOracle(x.q, x.k, x.v, prec=60), MpOracle(x.q, x.k, x.v, prec=300)
     diff = abs(lo.row(0, 0, 0).lse - hi.row(0, 0, 0).lse)
     assert 0 < diff < 2.0**-50
+
+
+def test_a_wrong_float64_oracle_is_caught_by_mpmath(monkeypatch):
+    """evaluate_against_mpmath holds the float64 oracle to mpmath too: an oracle off by one part in
+    1e9 (far below any kernel's error, far above float64's) is reported, the kernel's checks are not."""
+    import dataclasses
+
+    from flashverify import evaluate as ev
+    case = Case(seqlen_q=12, seqlen_k=20, head_dim=16, causal=True)
+    x = case.inputs()
+    out = BUNDLED.run(case, x, backward=True)
+    _, oracle_checks = ev.evaluate_against_mpmath(case, x, out)
+    assert all(c.passed for c in oracle_checks)
+    right = oracles.forward
+    monkeypatch.setattr(ev.oracles, "forward", lambda *a, **kw: dataclasses.replace(right(*a, **kw),
+                                                                                     o=right(*a, **kw).o * (1 + 1e-9)))
+    checks, oracle_checks = ev.evaluate_against_mpmath(case, x, out)
+    assert "o" in [c.tensor for c in oracle_checks if not c.passed]   # (and dQ, through delta = rowsum(dO o O))
+    assert all(c.passed for c in checks)

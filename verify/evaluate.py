@@ -121,3 +121,67 @@ def _check(name, x, ref, bound, dtype, naive, ratio_judged):
     return Check(tensor=name, error=tensor_error(x, ref, dtype), bound_ratio=bound_ratio(x, ref, bound),
                  reference_error=reference,
                  reference_limit=REFERENCE_RATIO[name] if (reference is not None and ratio_judged) else None)
+
+
+def sampled_positions(case: Case, rows: int = 2, columns: int = 1):
+    """Query rows (b, h, i) and key columns (b, hk, j) to check against mpmath: the last row and
+    column (edge tiles), and others drawn from a generator seeded by the case (replayable)."""
+    g = torch.Generator().manual_seed(case.seed)
+
+    def pick(n):
+        return int(torch.randint(n, (1,), generator=g))
+    row_list = [(case.batch - 1, case.heads_q - 1, case.seqlen_q - 1)]
+    row_list += [(pick(case.batch), pick(case.heads_q), pick(case.seqlen_q)) for _ in range(rows - 1)]
+    col_list = [(case.batch - 1, case.heads_kv - 1, case.seqlen_k - 1)]
+    col_list += [(pick(case.batch), pick(case.heads_kv), pick(case.seqlen_k)) for _ in range(columns - 1)]
+    return sorted(set(row_list)), sorted(set(col_list))
+
+
+def evaluate_against_mpmath(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None = None,
+                            tf32: bool = False, rows=None, columns=None) -> tuple[list[Check], list[Check]]:
+    """The implementation's outputs at sampled rows (O, LSE, dQ) and columns (dK, dV) against the
+    arbitrary-precision oracle and the a-priori bound; and the float64 oracle (which every other
+    check trusts) against the same exact values and its own float64 bound.
+
+    Returns (implementation checks, float64-oracle checks); mpmath is slow, so keep problems small.
+    """
+    from .mp_oracle import MpOracle, sample
+
+    if case.dropout_p > 0 and keep is None:
+        raise ValueError("keep must be the implementation's dropout keep-mask when case.dropout_p > 0")
+    cpu = Inputs(**{f.name: (lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t)(getattr(inputs, f.name))
+                    for f in dataclasses.fields(inputs)})
+    keep = None if keep is None else keep.cpu()
+    masking, scale = case.masking(cpu), case.softmax_scale
+    want_grads = out.dq is not None
+    fwd = oracles.forward(cpu.q, cpu.k, cpu.v, masking, scale, keep, case.dropout_p)
+    grads = (oracles.backward(cpu.q, cpu.k, cpu.v, cpu.do, masking, scale, keep, case.dropout_p, fwd)
+             if want_grads else None)
+    bounds = {}
+    for who, precision in (("impl", Precision(case.dtype, tf32=tf32)), ("f64", Precision("float64",
+                                                                                          accumulate="float64"))):
+        o_b, lse_b, es = forward_bounds(cpu.q, cpu.k, cpu.v, fwd, masking, scale, keep, case.dropout_p, precision)
+        bounds[who] = {"o": o_b, "lse": lse_b}
+        if want_grads:
+            bounds[who].update(zip(("dq", "dk", "dv"), backward_bounds(
+                cpu.q, cpu.k, cpu.v, cpu.do, fwd, grads, masking, scale, keep, case.dropout_p, precision,
+                o_b, lse_b, es)))
+    if rows is None or columns is None:
+        rows, columns = sampled_positions(case)
+    mp = MpOracle(cpu.q, cpu.k, cpu.v, cpu.do if want_grads else None, masking, scale, keep, case.dropout_p)
+    given = {name: getattr(out, name) for name in ("o", "lse", "dq", "dk", "dv") if getattr(out, name) is not None}
+    oracle = {"o": fwd.o, "lse": fwd.lse, **({"dq": grads.dq, "dk": grads.dk, "dv": grads.dv} if want_grads else {})}
+
+    def at(t, name):
+        return torch.cat([t[p].reshape(-1) for p in (rows if name in ("o", "lse", "dq") else columns)])
+
+    def checks(tensors, who, dtype_of):
+        got = sample(mp, rows, columns, **tensors)
+        return [Check(tensor=name, error=tensor_error(x, exact, dtype_of(name)),
+                      bound_ratio=bound_ratio(x, exact, at(bounds[who][name], name)),
+                      reference_error=None, reference_limit=None)
+                for name, (x, exact) in got.items()]
+
+    dt = case.torch_dtype
+    return (checks(given, "impl", lambda name: torch.float32 if name == "lse" else dt),
+            checks({k: v for k, v in oracle.items() if k in given}, "f64", lambda name: torch.float64))
