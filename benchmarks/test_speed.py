@@ -39,21 +39,18 @@ _flex_state = {}
 
 
 def _flex(q, k, v, causal):
-    """FlexAttention as users run it: compiled for each shape (dynamic=False; past dynamo's default
-    recompile limit it would fall back to the eager path), with a block mask for causal (masked
-    blocks skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if "fn" not in _flex_state:
-        import torch._dynamo as dynamo
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
-        _flex_state["fn"] = torch.compile(flex_attention, dynamic=False)
+    """FlexAttention as users run it: compiled for each shape (flashverify.adapters), with a block
+    mask for causal (masked blocks skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from flashverify.adapters import compiled_flex_attention
     block_mask = None
     if causal:
         key = (q.shape[2], k.shape[2])
         if key not in _flex_state:
             _flex_state[key] = create_block_mask(lambda b, h, i, j: i >= j, None, None, *key, device=q.device)
         block_mask = _flex_state[key]
-    return _flex_state["fn"](q, k, v, block_mask=block_mask)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
 
 IMPLS = {"flashverify": _ours, "sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),

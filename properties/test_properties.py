@@ -91,14 +91,19 @@ def judge(impl, env, case, x, out, tensors, name):
     """Hold `tensors` of `out` to the oracle and bounds; steer the search to the worst ratio."""
     keep = impl.keep_mask(case, env.device) if case.dropout_p else None
     checks = [c for c in evaluate(case, x, out, keep=keep) if c.tensor in tensors]
+    hold(impl, case, checks, name)
+    return checks
+
+
+def hold(impl, case, checks, name, prefix=""):
+    """Steer the search toward the worst ratios, record the worst, and fail on any check's failure."""
     for c in checks:
         target(min(c.bound_ratio, 1e6), label=f"{c.tensor} error / bound")
         if c.reference_ratio is not None:
             target(min(c.reference_ratio, 1e6), label=f"{c.tensor} error / naive error")
         record_worst(impl.spec, name, c, case)
     failures = [r for c in checks for r in c.failures]
-    assert not failures, "\n".join(failures)
-    return checks
+    assert not failures, prefix + "\n".join(failures)
 
 
 def _zero_rows(o, rows):
@@ -146,11 +151,7 @@ def test_agrees_with_mpmath_on_sampled_rows(attn_impl, attn_env):
         oracle_failures = [r for c in oracle_checks for r in c.failures]
         assert not oracle_failures, "harness bug: the float64 oracle disagrees with mpmath: " + "; ".join(
             oracle_failures)
-        for c in checks:
-            target(min(c.bound_ratio, 1e6), label=f"{c.tensor} error / bound (mpmath)")
-            record_worst(impl.spec, "agrees_with_mpmath_on_sampled_rows", c, case)
-        failures = [r for c in checks for r in c.failures]
-        assert not failures, "against mpmath: " + "\n".join(failures)
+        hold(impl, case, checks, "agrees_with_mpmath_on_sampled_rows", prefix="against mpmath: ")
 
 
 def test_causal_alignment_with_unequal_lengths(attn_impl, attn_env):

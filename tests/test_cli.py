@@ -34,10 +34,14 @@ def test_device_cuda_without_a_gpu(capsys):
     assert "--device cuda: torch" in capsys.readouterr().err
 
 
-def test_search_examples_must_be_positive(capsys):
+@pytest.mark.parametrize("argv,shown", [(["report", "--search-examples", "0"], "got 0"),
+                                        (["verify", "--jobs", "0"], "got 0"),
+                                        (["golden", "check", "--jobs", "two"], "got 'two'")])
+def test_counts_must_be_positive_whole_numbers(argv, shown, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["report", "--search-examples", "0"])
-    assert exit_.value.code == 2 and "must be a whole number >= 1, got 0" in capsys.readouterr().err
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{argv[-2]}: must be a whole number >= 1, {shown}" in err
 
 
 def test_missing_xfails_file_is_a_usage_error(pytester):

@@ -3,9 +3,9 @@
 import json
 
 
-def _run(pytester, *args):
-    return pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=ci",
-                              *args)
+def _run(pytester, *args, profile="ci"):
+    return pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties",
+                              f"--attn-profile={profile}", *args)
 
 
 def test_plugin_options_come_from_the_entry_point(pytester):
@@ -63,9 +63,8 @@ def test_shards_split_a_property_and_merge_in_the_summary(pytester, tmp_path):
     """--attn-shards K: K tests per property (each 1/K of the examples, its own random stream),
     one line per property in the summary with the most severe outcome of its shards."""
     report = tmp_path / "report.json"
-    result = pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=dev",
-                                "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
-                                "--attn-shards=2", "-k", "fully_masked", f"--attn-report={report}")
+    result = _run(pytester, "--attn-impl=broken_impls:NanOnMaskedRows", "--attn-impl=broken_impls:TorchFlash",
+                  "--attn-shards=2", "-k", "fully_masked", f"--attn-report={report}", profile="dev")
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines(["*fully_masked_rows_give_zero*shard1of2*", "*fully_masked_rows_give_zero*shard2of2*"])
     lines = [ln for ln in result.stdout.lines if ln.startswith(("  PASSED", "  FAILED"))]  # the summary's
@@ -74,9 +73,8 @@ def test_shards_split_a_property_and_merge_in_the_summary(pytester, tmp_path):
     assert sorted((r["implementation"], r["outcome"], r["shards"]) for r in records) == [
         ("broken_impls:NanOnMaskedRows", "failed", [1, 2]), ("broken_impls:TorchFlash", "passed", [1, 2])]
     assert "only shard" not in result.stdout.str()
-    partial = pytester.runpytest("-p", "no:cacheprovider", "--pyargs", "flashverify.properties", "--attn-profile=dev",
-                                 "--attn-impl=broken_impls:TorchFlash", "--attn-shards=3", "-k",
-                                 "fully_masked and not shard2of3")
+    partial = _run(pytester, "--attn-impl=broken_impls:TorchFlash", "--attn-shards=3", "-k",
+                   "fully_masked and not shard2of3", profile="dev")
     partial.stdout.fnmatch_lines(["*PASSED*fully_masked_rows_give_zero*(only shards 1, 3 of 3 ran)*"])
 
 

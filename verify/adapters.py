@@ -8,6 +8,7 @@ supports.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import replace
 
@@ -58,7 +59,6 @@ class FlexAttention(Implementation):
     cpu_memory_untracked = "FlexAttention's eager path runs under no TorchDispatchMode (measure it on a GPU)"
 
     def __init__(self, device="cuda"):
-        self._compiled = None
         if torch.device(device).type == "cpu":  # torch raises NotImplementedError for backward on the CPU
             notes = dict(self.capabilities.notes, backward="FlexAttention has no backward on the CPU")
             self.capabilities = replace(self.capabilities, backward=False, notes=notes)
@@ -70,13 +70,7 @@ class FlexAttention(Implementation):
         from torch.nn.attention.flex_attention import flex_attention
         if torch.device(device).type != "cuda":
             return flex_attention
-        if self._compiled is None:
-            import torch._dynamo as dynamo
-            # every drawn shape is a new graph; past the default limit dynamo would fall back to
-            # the eager (unfused) path and we would be testing something users do not run
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 1024)
-            self._compiled = torch.compile(flex_attention, dynamic=False)
-        return self._compiled
+        return compiled_flex_attention()
 
     def prepare(self, case, inputs):
         """The block mask and score_mod of a problem: built once, as users do, outside measurements."""
@@ -115,6 +109,17 @@ class FlexAttention(Implementation):
                 return flex(q, k, v, return_lse=True, **args)
             o, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **args)
             return o, aux.lse
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled as users run it, once per shape (dynamic=False). Every new shape is a
+    new graph: past dynamo's default recompile limit it would fall back to the eager (unfused)
+    path, and we would test and time something users do not run; so the limit is raised."""
+    import torch._dynamo as dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 1024)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _mask_mod(m, nq, nk):

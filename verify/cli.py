@@ -84,7 +84,7 @@ def cmd_merge_properties(args) -> int:
     split over CI jobs or machines. Exit 1 if any property failed or any shard is missing."""
     import json
 
-    from .plugin import coverage, merge_records
+    from .plugin import PROPERTY_REPORT_SCHEMA, coverage, merge_records, summary_line, write_property_report
     merged = {}
     for path in args.reports:
         try:
@@ -92,21 +92,17 @@ def cmd_merge_properties(args) -> int:
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"reports: cannot read {path}: {e}") from e
-        if data.get("schema") != "flashverify.property-report/1":
+        if data.get("schema") != PROPERTY_REPORT_SCHEMA:
             raise UsageError(f"reports: {path} is not a property report (--attn-report), schema {data.get('schema')!r}")
         for r in data["results"]:
             key = (r["implementation"], r["property"])
             merged[key] = merge_records(merged[key], r) if key in merged else r
     bad = 0
     for (spec, prop), r in sorted(merged.items()):
-        partial = coverage(r)
-        bad += r["outcome"] in ("failed", "xpassed") or bool(partial)
-        worst = f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}" if r["worst_bound_ratio"] else ""
-        print(f"{r['outcome'].upper():8s} {spec}  {prop}{worst}" + (f"  ({partial})" if partial else "")
-              + (f"  - {r['detail']}" if r["detail"] else ""))
+        bad += r["outcome"] in ("failed", "xpassed") or bool(coverage(r))
+        print(summary_line(f"{spec}  {prop}", r))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"schema": "flashverify.property-report/1", "results": list(merged.values())}, f, indent=1)
+        write_property_report(args.out, list(merged.values()))
     print(f"{len(merged)} properties from {len(args.reports)} reports; {bad} failed or incomplete")
     return 1 if bad else 0
 
@@ -128,7 +124,10 @@ def _device(arg) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value

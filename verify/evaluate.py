@@ -65,14 +65,18 @@ def output_bound(case: Case, inputs: Inputs, keep=None, tf32: bool = False) -> t
     return o_bound
 
 
+def _require_keep(case: Case, keep) -> None:
+    if case.dropout_p > 0 and keep is None:
+        raise ValueError("keep must be the implementation's dropout keep-mask when case.dropout_p > 0")
+
+
 def evaluate(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None = None,
              tf32: bool = False) -> list[Check]:
     """One :class:`Check` per tensor the implementation returned.
 
     `keep` is the dropout keep-mask the implementation used (required when dropout_p > 0).
     """
-    if case.dropout_p > 0 and keep is None:
-        raise ValueError("keep must be the implementation's dropout keep-mask when case.dropout_p > 0")
+    _require_keep(case, keep)
     masking = case.masking(inputs)
     scale = case.softmax_scale
     fwd = oracles.forward(inputs.q, inputs.k, inputs.v, masking, scale, keep, case.dropout_p)
@@ -138,7 +142,7 @@ def sampled_positions(case: Case, rows: int = 2, columns: int = 1):
 
 
 def evaluate_against_mpmath(case: Case, inputs: Inputs, out: Outputs, keep: torch.Tensor | None = None,
-                            tf32: bool = False, rows=None, columns=None) -> tuple[list[Check], list[Check]]:
+                            tf32: bool = False) -> tuple[list[Check], list[Check]]:
     """The implementation's outputs at sampled rows (O, LSE, dQ) and columns (dK, dV) against the
     arbitrary-precision oracle and the a-priori bound; and the float64 oracle (which every other
     check trusts) against the same exact values and its own float64 bound.
@@ -147,10 +151,12 @@ def evaluate_against_mpmath(case: Case, inputs: Inputs, out: Outputs, keep: torc
     """
     from .mp_oracle import MpOracle, sample
 
-    if case.dropout_p > 0 and keep is None:
-        raise ValueError("keep must be the implementation's dropout keep-mask when case.dropout_p > 0")
-    cpu = Inputs(**{f.name: (lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t)(getattr(inputs, f.name))
-                    for f in dataclasses.fields(inputs)})
+    _require_keep(case, keep)
+    on_cpu = {}
+    for f in dataclasses.fields(inputs):   # mpmath works on the CPU: so do its float64 twin and the bounds
+        t = getattr(inputs, f.name)
+        on_cpu[f.name] = t.detach().cpu() if isinstance(t, torch.Tensor) else t
+    cpu = Inputs(**on_cpu)
     keep = None if keep is None else keep.cpu()
     masking, scale = case.masking(cpu), case.softmax_scale
     want_grads = out.dq is not None
@@ -166,8 +172,7 @@ def evaluate_against_mpmath(case: Case, inputs: Inputs, out: Outputs, keep: torc
             bounds[who].update(zip(("dq", "dk", "dv"), backward_bounds(
                 cpu.q, cpu.k, cpu.v, cpu.do, fwd, grads, masking, scale, keep, case.dropout_p, precision,
                 o_b, lse_b, es)))
-    if rows is None or columns is None:
-        rows, columns = sampled_positions(case)
+    rows, columns = sampled_positions(case)
     mp = MpOracle(cpu.q, cpu.k, cpu.v, cpu.do if want_grads else None, masking, scale, keep, case.dropout_p)
     given = {name: getattr(out, name) for name in ("o", "lse", "dq", "dk", "dv") if getattr(out, name) is not None}
     oracle = {"o": fwd.o, "lse": fwd.lse, **({"dq": grads.dq, "dk": grads.dk, "dv": grads.dv} if want_grads else {})}

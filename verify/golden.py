@@ -103,7 +103,7 @@ def collect_errors(impl, cases: dict, device, progress=None) -> dict:
     from .impls import ImplementationError, Unsupported
     out = {}
     for label, case in cases.items():
-        if not _supports(impl, case):
+        if not supports(impl, case):
             continue
         inputs = case.inputs(device)
         try:
@@ -124,7 +124,8 @@ def collect_errors(impl, cases: dict, device, progress=None) -> dict:
     return out
 
 
-def _supports(impl, case) -> bool:
+def supports(impl, case) -> bool:
+    """Whether the implementation declares what `case` needs (dtype, observable dropout, GQA, head dim)."""
     caps = impl.capabilities
     return (case.dtype in caps.dtypes and (case.dropout_p == 0 or caps.keep_mask)
             and (case.heads_q == case.heads_kv or caps.gqa) and caps.head_dims[0] <= case.head_dim <= caps.head_dims[1])

@@ -275,6 +275,25 @@ def merge_records(a: dict, b: dict) -> dict:
     return merged
 
 
+def summary_line(what: str, record: dict) -> str:
+    """One property's line in a run summary (pytest's, and `flashverify merge-properties`)."""
+    worst = (f"  worst {record['worst_tensor']} error/bound {record['worst_bound_ratio']:.3g}"
+             if record["worst_bound_ratio"] is not None else "")
+    partial = f"  ({coverage(record)})" if coverage(record) else ""
+    return (f"{record['outcome'].upper():8s} {what}{worst}{partial}"
+            + (f"  - {record['detail']}" if record["detail"] else ""))
+
+
+PROPERTY_REPORT_SCHEMA = "flashverify.property-report/1"
+
+
+def write_property_report(path: str, records: list) -> None:
+    """The --attn-report JSON: one record per (implementation, property)."""
+    import json
+    with open(path, "w") as f:
+        json.dump({"schema": PROPERTY_REPORT_SCHEMA, "results": records}, f, indent=1)
+
+
 def coverage(record: dict) -> str:
     """'' when the record covers the whole profile, else which shards ran ('shards 1, 3 of 4 ran')."""
     ran, of = record.get("shards", []), record.get("of_shards")
@@ -306,11 +325,7 @@ class _Summary:
             for (s, prop), r in sorted(self.outcomes.items()):
                 if s != spec:
                     continue
-                worst = (f"  worst {r['worst_tensor']} error/bound {r['worst_bound_ratio']:.3g}"
-                         if r["worst_bound_ratio"] is not None else "")
-                partial = f"  ({coverage(r)})" if coverage(r) else ""
-                tr.write_line(f"  {r['outcome'].upper():8s} {prop}{worst}{partial}"
-                              + (f"  - {r['detail']}" if r["detail"] else ""))
+                tr.write_line("  " + summary_line(prop, r))
                 declined = r.get("declined") or {}
                 if declined and r["outcome"] != "skipped":
                     top = max(declined, key=declined.get)
@@ -319,7 +334,5 @@ class _Summary:
                 records.append(r)
         path = config.getoption("--attn-report")
         if path:
-            import json
-            with open(path, "w") as f:
-                json.dump({"schema": "flashverify.property-report/1", "results": records}, f, indent=1)
+            write_property_report(path, records)
             tr.write_line(f"report written to {path}")

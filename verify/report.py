@@ -77,8 +77,8 @@ def _collect_one(spec, impl, device, cases, kind, search_examples, progress_fact
                                       # the naive low-precision error on the same inputs, for scale
                                       **{f"{t}_naive": [_naive_error(errors[f"N{n}"][t]) for n in sweep["ns"]]
                                          for t in tensors}}
-    entry["worst"] = workers.worst_case(spec, impl, search_examples or SEARCH_EXAMPLES[kind])
     entry["worst_search_examples"] = search_examples or SEARCH_EXAMPLES[kind]
+    entry["worst"] = workers.worst_case(spec, impl, entry["worst_search_examples"])
     return entry
 
 

@@ -54,10 +54,10 @@ class Workers:
 
     def errors(self, spec: str, impl, cases: dict, progress=None) -> dict:
         """golden.collect_errors over the processes, in the cases' order."""
-        from .golden import _supports, collect_errors
+        from .golden import collect_errors, supports
         if self._pool is None:
             return collect_errors(impl, cases, self.device, progress=progress)
-        tasks = [(spec, self.device, label, case) for label, case in cases.items() if _supports(impl, case)]
+        tasks = [(spec, self.device, label, case) for label, case in cases.items() if supports(impl, case)]
         found = {}
         for label, result in self._pool.imap_unordered(_errors, tasks):
             if result is not None:   # None: declined (Unsupported), as in the serial loop
