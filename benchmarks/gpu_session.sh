@@ -2,14 +2,15 @@
 # Device-machine steps (no network there): install, then the named steps. Logs and results go
 # to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
 #   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT
-#   tests    the harness's tests, natively on the GPU
+#   profile  host vs GPU time of single calls (benchmarks/profile_call.py)
+#   tests    the harness's tests, natively on the GPU (about 6 min on 16 workers: a call of its own)
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
 #            measurement, merged), as $OUT/report.tgz
 #   props-release-1 .. props-release-4   the release profile on the bundled kernel, in quarters
 #   props-torch   torch's kernels (SDPA backends, FlexAttention) with the ci profile
-#   bench-fp16, bench-bf16   half the speed grid each (one 10-minute call each), with the floors
+#   bench-fp16, bench-bf16   half the speed grid each (about 3 min each), with the floors
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -22,8 +23,10 @@ for step in "$@"; do
     tune)
       timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
+    profile)
+      timeout 150 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)
-      timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 -rfE --tb=short tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
+      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" ;;
     golden)
       timeout -s INT 240 flashverify golden update --jobs 14 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
       cp golden/nvidia-*.json "$OUT/" ;;

@@ -50,7 +50,13 @@ TILES_DIR = os.path.join(os.path.dirname(__file__), "tiles")
 
 def device_slug(device) -> str:
     """The GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3'): names tile tables and golden files."""
-    name = torch.cuda.get_device_name(torch.device(device))
+    device = torch.device(device)
+    return _slug_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _slug_of(index: int) -> str:
+    name = torch.cuda.get_device_name(index)
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
@@ -72,7 +78,7 @@ def tuned_tiles(slug: str) -> dict:
 
 def block_d(head_dim: int) -> int:
     """The kernels' padded head dim (BLOCK_D): the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, device=None) -> LaunchConfig:
@@ -375,7 +381,10 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None
     pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
                 dropout_p, seed, allow_tf32, blocks)
     q, k, v = (_with_unit_last_stride(t) for t in (q, k, v))
-    o, lse = _FlashAttention.apply(q, k, v, pb)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = _FlashAttention.apply(q, k, v, pb)
+    else:   # no graph to record: skip autograd's bookkeeping (host time counts at small N)
+        o, lse, _ = _forward(q, k, v, pb)
     return (o, lse) if return_lse else o
 
 

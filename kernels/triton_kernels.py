@@ -46,8 +46,11 @@ MASK_ADD = tl.constexpr(2)
 
 # Integer arguments that take many values across a property run and never set an address's
 # alignment: not specialized on (Triton would compile a kernel for every combination of their
-# "== 1" / "% 16 == 0" properties). Lengths, strides and D stay specialized: they do.
+# "== 1" / "% 16 == 0" properties). Lengths, strides and D stay specialized: they do. The dK/dV
+# kernel keeps GROUP specialized: GROUP == 1 (no GQA) folds its loop over the group's query heads
+# away, and that loop left dynamic slowed the kernel at D=128 on the H100 (kernel v3, measured).
 NOT_SPECIALIZED = ["H", "GROUP", "win_left", "win_right", "seed"]
+DKDV_NOT_SPECIALIZED = ["H", "HKV", "win_left", "win_right", "seed"]
 
 
 @triton.jit
@@ -407,7 +410,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, start, end, offs_n, offs_d, D, d
     return dk, dv
 
 
-@triton.jit(do_not_specialize=NOT_SPECIALIZED + ["HKV"])
+@triton.jit(do_not_specialize=DKDV_NOT_SPECIALIZED)
 def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,

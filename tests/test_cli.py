@@ -57,15 +57,22 @@ def _record(prop, outcome, shard, of, ratio=None):
             "declined": {"odd": 1}, "shards": [shard], "of_shards": of}
 
 
+_RUN = {"profile": "release", "of_shards": 2, "max_seqlen": 512, "environment": {"device": "gpu"}, "source": "abc"}
+
+
+def _write_report(path, results, **run):
+    import json
+    path.write_text(json.dumps({"schema": "flashverify.property-report/2", "run": {**_RUN, **run},
+                                "results": results}))
+    return path
+
+
 def test_merge_properties_joins_shards_of_separate_runs(tmp_path, capsys):
     """A release run split over machines: the verdict needs every shard of every property."""
     import json
     runs = [[_record("a", "passed", 1, 2, 0.5), _record("b", "passed", 1, 2)],
             [_record("a", "passed", 2, 2, 0.7), _record("b", "failed", 2, 2)]]
-    paths = []
-    for i, results in enumerate(runs):
-        paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps({"schema": "flashverify.property-report/1", "results": results}))
+    paths = [_write_report(tmp_path / f"run{i}.json", results) for i, results in enumerate(runs)]
     assert main(["merge-properties", str(paths[0]), "--out", str(tmp_path / "m.json")]) == 1
     assert "(only shard 1 of 2 ran)" in capsys.readouterr().out
     assert main(["merge-properties", *map(str, paths), "--out", str(tmp_path / "m.json")]) == 1   # b failed
@@ -75,3 +82,18 @@ def test_merge_properties_joins_shards_of_separate_runs(tmp_path, capsys):
     assert merged["a"]["shards"] == [1, 2] and merged["a"]["declined"] == {"odd": 2}
     assert main(["merge-properties", str(tmp_path / "nope.json")]) == 2
     assert "reports: cannot read" in capsys.readouterr().err
+
+
+def test_merge_properties_refuses_reports_of_different_sources_or_machines(tmp_path, capsys):
+    """Shards run against two versions of the kernel (or on two GPU models) are not one verdict."""
+    ours = _write_report(tmp_path / "a.json", [_record("a", "passed", 1, 2)])
+    edited = _write_report(tmp_path / "b.json", [_record("a", "passed", 2, 2)], source="def")
+    assert main(["merge-properties", str(ours), str(edited)]) == 2
+    assert "differ in source ('def' vs 'abc')" in capsys.readouterr().err
+    elsewhere = _write_report(tmp_path / "c.json", [_record("a", "passed", 2, 2)], environment={"device": "cpu"})
+    assert main(["merge-properties", str(ours), str(elsewhere)]) == 2
+    assert "differ in environment" in capsys.readouterr().err
+    old = tmp_path / "old.json"
+    old.write_text('{"schema": "flashverify.property-report/1", "results": []}')
+    assert main(["merge-properties", str(old)]) == 2
+    assert "expected 'flashverify.property-report/2'" in capsys.readouterr().err

@@ -113,14 +113,14 @@ def test_mp_oracle_precision_is_configurable():
     assert 0 < diff < 2.0**-50
 
 
-def test_a_wrong_float64_oracle_is_caught_by_mpmath(monkeypatch):
+def test_a_wrong_float64_oracle_is_caught_by_mpmath(monkeypatch, device):
     """evaluate_against_mpmath holds the float64 oracle to mpmath too: an oracle off by one part in
     1e9 (far below any kernel's error, far above float64's) is reported, the kernel's checks are not."""
     import dataclasses
 
     from flashverify import evaluate as ev
     case = Case(seqlen_q=12, seqlen_k=20, head_dim=16, causal=True)
-    x = case.inputs()
+    x = case.inputs(device)
     out = BUNDLED.run(case, x, backward=True)
     _, oracle_checks = ev.evaluate_against_mpmath(case, x, out)
     assert all(c.passed for c in oracle_checks)

@@ -85,7 +85,7 @@ def cmd_merge_properties(args) -> int:
     import json
 
     from .plugin import PROPERTY_REPORT_SCHEMA, coverage, merge_records, summary_line, write_property_report
-    merged = {}
+    merged, run, first = {}, None, None
     for path in args.reports:
         try:
             with open(path) as f:
@@ -93,7 +93,15 @@ def cmd_merge_properties(args) -> int:
         except (OSError, ValueError) as e:
             raise UsageError(f"reports: cannot read {path}: {e}") from e
         if data.get("schema") != PROPERTY_REPORT_SCHEMA:
-            raise UsageError(f"reports: {path} is not a property report (--attn-report), schema {data.get('schema')!r}")
+            raise UsageError(f"reports: {path} is not a property report (--attn-report) of this flashverify: "
+                             f"schema {data.get('schema')!r}, expected {PROPERTY_REPORT_SCHEMA!r}")
+        if run is None:
+            run, first = data["run"], path
+        elif data["run"] != run:
+            differ = sorted(k for k in run.keys() | data["run"].keys() if run.get(k) != data["run"].get(k))
+            raise UsageError(f"reports: {path} and {first} differ in {', '.join(differ)} "
+                             f"({data['run'].get(differ[0])!r} vs {run.get(differ[0])!r}): one verdict needs "
+                             "one source, profile, shard count and machine")
         for r in data["results"]:
             key = (r["implementation"], r["property"])
             merged[key] = merge_records(merged[key], r) if key in merged else r
@@ -102,7 +110,7 @@ def cmd_merge_properties(args) -> int:
         bad += r["outcome"] in ("failed", "xpassed") or bool(coverage(r))
         print(summary_line(f"{spec}  {prop}", r))
     if args.out:
-        write_property_report(args.out, list(merged.values()))
+        write_property_report(args.out, list(merged.values()), run)
     print(f"{len(merged)} properties from {len(args.reports)} reports; {bad} failed or incomplete")
     return 1 if bad else 0
 

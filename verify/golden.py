@@ -186,6 +186,24 @@ def environment(device) -> dict:
             "device": torch.cuda.get_device_name() if device_kind(device) == "cuda" else "cpu (Triton interpreter)"}
 
 
+def source_fingerprint() -> str:
+    """sha256 (first 16 hex digits) of the installed flashverify's code and tile tables: the
+    harness, the properties and the bundled kernel. Results of different sources must not be
+    merged into one verdict (a release run split over machines or sessions)."""
+    import hashlib
+    from importlib import resources
+
+    digest = hashlib.sha256()
+    for package in ("flashverify", "flashverify.kernels", "flashverify.properties"):
+        root = resources.files(package)
+        files = [f for f in root.iterdir() if f.name.endswith(".py")]
+        if package == "flashverify.kernels" and root.joinpath("tiles").is_dir():
+            files += [f for f in root.joinpath("tiles").iterdir() if f.name.endswith(".json")]
+        for f in sorted(files, key=lambda f: f.name):
+            digest.update(f"{package}/{f.name}\0".encode() + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 # --- the gate -----------------------------------------------------------------------------------
 
 @dataclass

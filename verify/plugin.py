@@ -133,17 +133,21 @@ def record_worst(spec: str, prop: str, check, case) -> None:
         WORST[key] = (ratio, check.tensor, case)
 
 
-@pytest.fixture(scope="session")
-def attn_env(request) -> Env:
+def _env(config) -> Env:
     import torch
 
     import flashverify.kernels as kernels  # switches the interpreter on where there is no GPU
 
-    opt = request.config.getoption
+    opt = config.getoption
     device = opt("--attn-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     max_seqlen = opt("--attn-max-seqlen") or (96 if kernels.interpreting() else 512)
-    return Env(device=device, profile=_profile(request.config), max_seqlen=max_seqlen,
+    return Env(device=device, profile=_profile(config), max_seqlen=max_seqlen,
                repro_dir=opt("--attn-repro-dir"), shards=opt("--attn-shards"))
+
+
+@pytest.fixture(scope="session")
+def attn_env(request) -> Env:
+    return _env(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -284,14 +288,23 @@ def summary_line(what: str, record: dict) -> str:
             + (f"  - {record['detail']}" if record["detail"] else ""))
 
 
-PROPERTY_REPORT_SCHEMA = "flashverify.property-report/1"
+PROPERTY_REPORT_SCHEMA = "flashverify.property-report/2"
 
 
-def write_property_report(path: str, records: list) -> None:
-    """The --attn-report JSON: one record per (implementation, property)."""
+def run_description(env: Env) -> dict:
+    """What a property report's results depend on besides the records: the drawn space (profile,
+    shard count, longest sequence), the machine and versions, and the flashverify source (harness,
+    properties, bundled kernel). `merge-properties` joins only reports that agree on all of it."""
+    from .golden import environment, source_fingerprint
+    return {"profile": env.profile, "of_shards": env.shards, "max_seqlen": env.max_seqlen,
+            "environment": environment(env.device), "source": source_fingerprint()}
+
+
+def write_property_report(path: str, records: list, run: dict) -> None:
+    """The --attn-report JSON: the run's description and one record per (implementation, property)."""
     import json
     with open(path, "w") as f:
-        json.dump({"schema": PROPERTY_REPORT_SCHEMA, "results": records}, f, indent=1)
+        json.dump({"schema": PROPERTY_REPORT_SCHEMA, "run": run, "results": records}, f, indent=1)
 
 
 def coverage(record: dict) -> str:
@@ -334,5 +347,5 @@ class _Summary:
                 records.append(r)
         path = config.getoption("--attn-report")
         if path:
-            write_property_report(path, records)
+            write_property_report(path, records, run_description(_env(config)))
             tr.write_line(f"report written to {path}")

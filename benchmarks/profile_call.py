@@ -1,0 +1,87 @@
+"""Where one call's time goes (GPU only): host time, GPU time and the kernels of one forward and
+one backward, for the bundled kernel and SDPA's cuDNN backend, at a few grid shapes.
+
+Why: test_speed.py times a call plus a synchronize, as a user sees it; at small N that time is
+far above the kernels' own (tune.py, do_bench). This separates the host's share from the GPU's.
+
+Run: python benchmarks/profile_call.py [D N causal ...]   (default: 64 1024 0  128 1024 0  128 16384 0)
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+H, TOKENS = 16, 32768
+
+
+def _impls():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashverify.kernels import attention
+
+    def cudnn(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return {"flashverify": lambda q, k, v, causal: attention(q, k, v, causal=causal), "sdpa-cudnn": cudnn}
+
+
+def _step_ms(fn, rounds=20):
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _host_us(fn, calls=50):
+    """Host time per call when calls are queued back to back (no synchronize in between)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def profile(d, n, causal):
+    from triton.testing import do_bench
+    b = TOKENS // n
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, H, n, d, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+               for _ in range(3))
+    for name, fn in _impls().items():
+        o = fn(q, k, v, causal)
+        do = torch.randn_like(o)
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v, causal)
+
+        def bwd():
+            o.backward(do, retain_graph=True)
+        for direction, call in (("fwd", fwd), ("bwd", bwd)):
+            call()
+            torch.cuda.synchronize()
+            step, host, gpu = _step_ms(call), _host_us(call), do_bench(call, warmup=5, rep=30)
+            print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync {step:.3f} ms,"
+                  f" back-to-back {gpu:.3f} ms, host {host:.0f} us/call", flush=True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("profile_call.py needs a CUDA device")
+    args = [int(x) for x in sys.argv[1:]] or [64, 1024, 0, 128, 1024, 0, 128, 16384, 0]
+    for i in range(0, len(args), 3):
+        profile(args[i], args[i + 1], bool(args[i + 2]))
