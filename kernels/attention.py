@@ -288,13 +288,16 @@ def _forward(q, k, v, pb: _Problem):
     Hkv, nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
-    stats = torch.empty((2, B, H, nq), device=q.device, dtype=torch.float32)  # row max, log l
+    # Row max, then log l from STATS_LOGL on: that offset is padded to a multiple of 16 floats so
+    # the log l loads stay aligned (and Triton compiles one kernel for every B * H * Nq).
+    logl_at = -(-B * H * nq // 16) * 16
+    stats = torch.empty(logl_at + B * H * nq, device=q.device, dtype=torch.float32)
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (triton.cdiv(nq, t.block_m), B * H)
     tk._fwd_kernel[grid](
         q, k, v, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-        H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed, B * H * nq,
+        H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed, logl_at,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         **_flags(pb, D))
     return o, lse, stats
@@ -312,12 +315,12 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     mask, keylen, ms = _mask_args(pb, q)
     common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
-              B * H * nq)
+              stats.numel() - B * H * nq)   # where log l starts (see _forward)
     t = pb.config.dkdv
     tk._bwd_dkdv_kernel[(triton.cdiv(nk, t.block_n), B * Hkv)](
         q, k, v, do, stats, delta, dk, dv, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
-        H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
         num_warps=t.num_warps, num_stages=t.num_stages, **flags)
     t = pb.config.dq
     tk._bwd_dq_kernel[(triton.cdiv(nq, t.block_m), B * H)](

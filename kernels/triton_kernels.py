@@ -19,9 +19,10 @@ Conventions shared by every kernel:
   :func:`_dropout_mask_kernel` regenerate the identical mask for any size.
 * the backward needs no atomics: dK/dV and dQ are separate kernels, so
   gradients are bitwise deterministic.
-* every loop over blocks runs in three parts (see _split): edge blocks, where scores are
-  masked one by one, around interior blocks that lie wholly inside the sequence and the
-  causal/sliding window, where no per-score masking runs (causal loop splitting). Blocks wholly
+* every loop over blocks is split (see _split) into edge blocks, where scores are masked one
+  by one, around interior blocks that lie wholly inside the sequence and the causal/sliding
+  window, where no per-score masking runs (causal loop splitting): three loops in the forward and
+  dQ kernels, one loop with a runtime edge test in dK/dV (see _dkdv_blocks). Blocks wholly
   outside the window are not visited.
 """
 
@@ -44,11 +45,14 @@ MASK_BOOL = tl.constexpr(1)
 MASK_ADD = tl.constexpr(2)
 
 
-# Integer arguments that take many values across a property run and never set an address's
-# alignment: not specialized on (Triton would compile a kernel for every combination of their
-# "== 1" / "% 16 == 0" properties). Lengths, strides and D stay specialized: they do. The dK/dV
-# kernel keeps GROUP specialized: GROUP == 1 (no GQA) folds its loop over the group's query heads
-# away, and that loop left dynamic slowed the kernel at D=128 on the H100 (kernel v3, measured).
+# Integer arguments that take many values across a property run and whose "== 1" / "% 16 == 0"
+# properties buy nothing on the hot path: not specialized on (Triton would compile a kernel for
+# every combination; a release run of the property suite compiles thousands). Strides and D set
+# the alignment of tile loads and stay specialized; so do the sequence lengths, whose
+# specialization measurably saves registers (benchmarks/ptxas_check.py: unspecialized NQ made the
+# D=128 dK/dV kernel spill 4x more, NK the dropout paths). The dK/dV kernel keeps GROUP
+# specialized: GROUP == 1 (no GQA) folds its loop over the group's query heads away; left
+# dynamic, that loop makes ptxas spill registers at D=128 ('gqa' rows of the same check).
 NOT_SPECIALIZED = ["H", "GROUP", "win_left", "win_right", "seed"]
 DKDV_NOT_SPECIALIZED = ["H", "HKV", "win_left", "win_right", "seed"]
 
@@ -135,6 +139,15 @@ def _keep(seed, bh, qi, kj, NQ, NK, dropout_p):
 
 
 @triton.jit
+def _window_mask(s2, qi, kj, nk, shift, win_left, win_right, NQ):
+    """Scores outside the sequences (query rows, the batch entry's valid keys) or the causal/sliding
+    window -> -inf; qi, kj broadcast to s2 in either orientation."""
+    rel = kj - (qi + shift)
+    allowed = (qi < NQ) & (kj < nk) & (rel >= -win_left) & (rel <= win_right)
+    return tl.where(allowed, s2, float("-inf"))
+
+
+@triton.jit
 def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK,
                    EDGE: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """Apply the masking rules to a tile of scores; disallowed -> -inf.
@@ -144,9 +157,7 @@ def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, sm
     (see _split) lie wholly inside both, so only a user mask (if any) is applied there.
     """
     if EDGE:
-        rel = kj - (qi + shift)
-        allowed = (qi < NQ) & (kj < nk) & (rel >= -win_left) & (rel <= win_right)
-        s2 = tl.where(allowed, s2, float("-inf"))
+        s2 = _window_mask(s2, qi, kj, nk, shift, win_left, win_right, NQ)
     in_bounds = (qi < NQ) & (kj < NK)
     if MASK_KIND == MASK_BOOL:
         keep = tl.load(mask_ptr + qi * smm + kj * smn, mask=in_bounds, other=0)
@@ -330,7 +341,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     tl.store(STATS + STATS_LOGL + bh * NQ + offs_m, logl, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "NQ"])
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, D,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d] (the rowsum(dO o O) of FlashAttention-2)."""
@@ -348,64 +359,77 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 
 @triton.jit
-def _bwd_probs(s2, dp, row_max, row_logl, delta, qi, kj, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
-               NQ, NK, dropout_p, seed, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+def _bwd_probs(s2, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DROPOUT: tl.constexpr,
                PRECISE_EXP: tl.constexpr):
-    """From raw log2 scores s2 and dP = dO.V^T of one tile, return (P with dropout applied, dS).
+    """From masked scores s2 (score units) of one tile: P recomputed from the row statistics, P with
+    dropout applied (what the forward multiplied V by), and the keep mask (DROPOUT only).
 
-    Orientation-free: qi/kj, row_max, row_logl and delta come shaped to broadcast against the tile, so the
+    Orientation-free: qi/kj, row_max and row_logl come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
-    s2 = _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                        EDGE, MASK_KIND, PRECISE_EXP)
     p = _exp((s2 - row_max) - row_logl, PRECISE_EXP)
     p_drop = p
+    keep = p   # unused without dropout
     if DROPOUT:
         keep = _keep(seed, bh, qi, kj, NQ, NK, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        p_drop = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-    ds = p * (dp - delta)
-    return p_drop, ds
+        p_drop = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p, p_drop, keep
 
 
 @triton.jit
-def _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, CHECK_ROWS: tl.constexpr):
-    """Row max and log-normaliser (score units; 0 on fully masked rows, whose scores are all
-    -inf) and delta; rows past the sequence only in edge blocks (CHECK_ROWS)."""
+def _bwd_dscores(p, dp, delta, keep, dropout_p, DROPOUT: tl.constexpr):
+    """dS = P o (dP' - delta), where dP' is dP = dO.V^T passed back through the dropout mask."""
+    if DROPOUT:
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p * (dp - delta)
+
+
+@triton.jit
+def _load_rows(ptr, offs_m, NQ, CHECK_ROWS: tl.constexpr):
+    """A per-query-row float32 vector (row max, log-normaliser, delta: 0 on fully masked rows);
+    rows past the sequence are checked only where a block can reach them (CHECK_ROWS)."""
     if CHECK_ROWS:
-        ok = offs_m < NQ
-        row_max = tl.load(STATS + bh * NQ + offs_m, mask=ok, other=0.0)
-        row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m, mask=ok, other=0.0)
-        delta = tl.load(DELTA + bh * NQ + offs_m, mask=ok, other=0.0)
+        x = tl.load(ptr + offs_m, mask=offs_m < NQ, other=0.0)
     else:
-        row_max = tl.load(STATS + bh * NQ + offs_m)
-        row_logl = tl.load(STATS + STATS_LOGL + bh * NQ + offs_m)
-        delta = tl.load(DELTA + bh * NQ + offs_m)
-    return row_max, row_logl, delta
+        x = tl.load(ptr + offs_m)
+    return x
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, start, end, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
-                 STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                 qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr,
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom,
+                 sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
+                 qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
                  MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  PRECISE_EXP: tl.constexpr):
-    """dK, dV contributions of the query blocks [start, end) of one query head, on transposed
-    tiles (keys as rows)."""
-    for start_m in range(start, end, BLOCK_M):
+    """dK, dV contributions of the query blocks [lo, hi) of one query head, on transposed tiles
+    (keys as rows).
+
+    One loop, not the forward's three (see _split): blocks outside [mid_lo, mid_hi) are masked
+    score by score under a runtime test. Three loops here made ptxas (CUDA 12.8, triton 3.6)
+    serialize every wgmma of the kernel (warning C7515: the accumulators' zero-initialisation
+    reached the wait after a skipped loop), and the loads and dots follow FlexAttention's order
+    (P, dV, then dP, dS, dK) to keep fewer tiles live. CHECK_ROWS: NQ is not a multiple of
+    BLOCK_M, so a block can run past the sequence.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
-                         offs_d[:, None] < D, EDGE, EVEN_D)                    # [D, M]
+                         offs_d[:, None] < D, CHECK_ROWS, EVEN_D)                    # [D, M]
+        row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
+        row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, CHECK_ROWS)
+        s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                                  # [N, M]
+        if (start_m < mid_lo) | (start_m >= mid_hi):
+            s2_t = _window_mask(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, NQ)
+        s2_t = _masked_scores(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, mask_base,
+                              smm, smn, NQ, NK, False, MASK_KIND, PRECISE_EXP)
+        p_t, p_drop_t, keep_t = _bwd_probs(s2_t, row_max[None, :], row_logl[None, :], offs_m[None, :],
+                                           offs_n[:, None], bh, NQ, NK, dropout_p, seed, DROPOUT, PRECISE_EXP)
         do = _load_tile(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, offs_m[:, None] < NQ, d_ok,
-                        EDGE, EVEN_D)
-        row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, EDGE)
-        s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                  # [N, M]
-        dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                     # [N, M]
-        p_t, ds_t = _bwd_probs(s2_t, dp_t, row_max[None, :], row_logl[None, :], delta[None, :], offs_m[None, :],
-                               offs_n[:, None], bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                               dropout_p, seed, EDGE, MASK_KIND, DROPOUT, PRECISE_EXP)
-        dv += _dot(_cast(p_t, do.dtype), do, DOT_PRECISION)
+                        CHECK_ROWS, EVEN_D)
+        dv += _dot(_cast(p_drop_t, do.dtype), do, DOT_PRECISION)
+        delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, CHECK_ROWS)
+        dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                                     # [N, M]
+        ds_t = _bwd_dscores(p_t, dp_t, delta[None, :], keep_t, dropout_p, DROPOUT)
         dk += _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), DOT_PRECISION)
     return dk, dv
 
@@ -419,7 +443,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PRECISE_EXP: tl.constexpr):
+                     PRECISE_EXP: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -445,19 +469,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
-        # Edge blocks, interior blocks (no per-score masking), edge blocks.
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
-                              STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
-                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
-                              PRECISE_EXP)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_lo, mid_hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom,
-                              sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn,
-                              NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, False, EVEN_D, MASK_KIND, DROPOUT,
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd,
+                              sdom, sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm,
+                              smn, NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, CHECK_ROWS, EVEN_D, MASK_KIND, DROPOUT,
                               DOT_PRECISION, PRECISE_EXP)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd, sdom, sdod,
-                              STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ,
-                              NK, qk_scale, dropout_p, seed, BLOCK_M, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
-                              PRECISE_EXP)
 
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -477,9 +492,11 @@ def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, 
         k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
         s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
-        _, ds = _bwd_probs(s2, dp, row_max[:, None], row_logl[:, None], delta[:, None], offs_m[:, None],
-                           offs_n[None, :], bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
-                           dropout_p, seed, EDGE, MASK_KIND, DROPOUT, PRECISE_EXP)
+        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right, mask_base, smm, smn,
+                            NQ, NK, EDGE, MASK_KIND, PRECISE_EXP)
+        p, _, keep = _bwd_probs(s2, row_max[:, None], row_logl[:, None], offs_m[:, None], offs_n[None, :], bh, NQ, NK,
+                                dropout_p, seed, DROPOUT, PRECISE_EXP)
+        ds = _bwd_dscores(p, dp, delta[:, None], keep, dropout_p, DROPOUT)
         dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
     return dq
 
@@ -506,7 +523,9 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=m_ok, other=0.0)
-    row_max, row_logl, delta = _load_row_stats(STATS, STATS_LOGL, DELTA, bh, offs_m, NQ, True)
+    row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, True)
+    row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, True)
+    delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, True)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh

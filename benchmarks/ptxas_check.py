@@ -1,0 +1,109 @@
+"""Compile the bundled kernels for Hopper (sm_90a) without a GPU and report what ptxas says:
+wgmma serialization (warning C7515), registers, spills. Exit 1 if any kernel is serialized.
+
+Why: ptxas serializing every wgmma of a kernel cost the dK/dV kernel about a third of its speed
+through kernels v2-v3.1 (docs/performance.md), and nothing but ptxas's own log shows it; tile
+tuning cannot fix it. The ptxas bundled with Triton decides: run this under the Triton the GPU
+runs (the H100 image has triton 3.6; triton 3.8's ptxas does not warn for the same PTX).
+
+Run: python benchmarks/ptxas_check.py [--gpu nvidia-h100-80gb-hbm3]   (tiles from that GPU's table)
+"""
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"   # compile, do not interpret (set before flashverify.kernels)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flashverify.kernels import triton_kernels as tk  # noqa: E402
+
+attn = importlib.import_module("flashverify.kernels.attention")   # the module (the package re-exports a function)
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+B, H, N = 2, 16, 4096   # contiguous (B, H, N, D) tensors, as in the speed grid
+
+
+def _args(d, extra):
+    """Launch arguments as the speed grid passes them (fp16, contiguous, no mask)."""
+    ptr = {name: "*fp16" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    ptr["MASK"] = "*u8" if extra.get("MASK_KIND") == 1 else "*fp16"   # bool masks travel as uint8
+    ptr.update(LSE="*fp32", STATS="*fp32", DELTA="*fp32", KEYLEN="*i32")
+    strides = (H * N * d, N * d, d, 1)
+    ints = dict(smb=0, smh=0, smm=N, smn=1, H=H, HKV=H, GROUP=1, NQ=N, NK=N, D=d, win_left=2 * N + 1,
+                win_right=2 * N + 1, seed=0, STATS_LOGL=B * H * N)
+    for prefix in ("sq", "sk", "sv", "so", "sdo", "sdq", "sdk", "sdv"):
+        ints.update({prefix + s: v for s, v in zip("bhmd", strides)})
+        ints.update({prefix + s: v for s, v in zip("bhnd", strides)})
+    const = dict(BLOCK_D=d, EVEN_D=True, ALIGN_BOTTOM_RIGHT=False, KEYLEN_ON=False, MASK_KIND=0, DROPOUT=False,
+                 DOT_PRECISION="ieee", PRECISE_EXP=False, CHECK_ROWS=False)
+    for k, v in extra.items():
+        (const if k in const or k.startswith("BLOCK") else ints)[k] = v
+    return ptr, ints, const
+
+
+def compile_log(kernel, d, tile, extra):
+    """ptxas -v output for one specialization, signature built as Triton's launcher would."""
+    ptr, ints, const = _args(d, dict(extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n))
+    sig, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name], constexprs[name] = "constexpr", const[name]
+        elif name in ptr:
+            sig[name], attrs[(i,)] = ptr[name], [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "sm_scale", "dropout_p"):
+            sig[name] = "fp32"
+        elif ints[name] == 1 and not p.do_not_specialize:
+            sig[name], constexprs[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if ints[name] % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(compiled.asm["ptx"])
+        run = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", os.path.join(tmp, "k.ptx"), "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    return run.stdout + run.stderr
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", default="nvidia-h100-80gb-hbm3", help="tile table to take the tiles from")
+    ap.add_argument("--only", default="", help="check only entries whose 'tiles kernel' contains this (e.g. 'D128-dense dkdv')")
+    args = ap.parse_args()
+    table = attn.tuned_tiles(args.gpu)
+    if not table:
+        ap.error(f"--gpu: no tile table kernels/tiles/{args.gpu}.json")
+    kernels = {"fwd": tk._fwd_kernel, "dkdv": tk._bwd_dkdv_kernel, "dq": tk._bwd_dq_kernel}
+    variants = {"": {}, " dropout": dict(DROPOUT=True), " gqa": dict(GROUP=2, HKV=H // 2),
+                " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1), " addmask": dict(MASK_KIND=2)}
+    print(f"triton {triton.__version__}, ptxas {PTXAS}")
+    serialized = 0
+    for key, config in sorted(table.items()):
+        d = int(key.split("-")[0][1:])
+        for name, kernel in kernels.items():
+            for label, extra in variants.items():
+                if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
+                    continue
+                log = compile_log(kernel, d, getattr(config, name), extra)
+                bad = "C7515" in log
+                serialized += bad
+                usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                                 if "spill" in line or "Used" in line)
+                print(f"{'SERIALIZED' if bad else 'ok':10s} {key:12s} {name:4s}{label:10s} {usage}", flush=True)
+    print(f"{serialized} serialized" if serialized else "no wgmma serialization")
+    return 1 if serialized else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
