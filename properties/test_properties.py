@@ -337,6 +337,36 @@ def test_dropout_seeds(attn_impl, attn_env):
         assert not torch.equal(a, other), "a different seed gave the same output"
 
 
+def test_dropout_masks_differ_across_heads(attn_impl, attn_env):
+    """Identical inputs in every batch entry and head, dropout on: no two entries may give the same
+    output. An RNG offset that ignores the batch or head (or wraps at 2**32, where B*H*Nq*Nk passes
+    it) hands several of them one mask. Drawn where different masks must show: p = 0.5, >= 256
+    scores (two independent masks agree with probability <= 2**-256), uniform inputs."""
+    impl, env = attn_impl, attn_env
+    require(impl, "dropout")
+    strategy = _dropout_cases(impl, env).map(lambda c: c.replace(
+        batch=2, seqlen_q=max(c.seqlen_q, 16), seqlen_k=max(c.seqlen_k, 16), dropout_p=0.5, distribution="uniform"))
+
+    @for_all(impl, env, strategy, "dropout_masks_differ_across_heads")
+    def check(case):
+        x = case.inputs(env.device)
+        same = {name: _fill_with_first_entry(getattr(x, name)) for name in ("q", "k", "v")}
+        o = impl.run(case, Inputs(**{**x.__dict__, **same}), backward=False).o
+        entries = [(b, h) for b in range(case.batch) for h in range(case.heads_q)]
+        for i, (b, h) in enumerate(entries):
+            for b2, h2 in entries[i + 1:]:
+                assert not torch.equal(o[b, h], o[b2, h2]), (
+                    f"batch {b} head {h} and batch {b2} head {h2} gave the same output from the same inputs: "
+                    "they got the same dropout mask")
+
+
+def _fill_with_first_entry(t):
+    """t with every (batch, head) slice replaced by slice (0, 0), its strides (layout) kept."""
+    out = t.clone()
+    out[...] = t[:1, :1]
+    return out
+
+
 def test_dropout_keep_rate(attn_impl, attn_env):
     """The keep-mask keeps 1 - p of the scores (binomial test, |z| < 5: a false alarm once in 3.5 million)."""
     impl, env = attn_impl, attn_env

@@ -185,6 +185,15 @@ class DropoutWithoutRescale(TorchFlash):
     dropout_rescale = False
 
 
+class DropoutMaskSharedAcrossHeads(TorchFlash):
+    """The dropout RNG offset ignores batch and head (as a 32-bit offset wrapping at 2**32 does for
+    the entries past it): every (batch, head) gets the mask of (0, 0)."""
+
+    def keep_mask(self, case, device):
+        keep = philox_keep(case.replace(batch=1, heads_q=1, heads_kv=1), device)
+        return None if keep is None else keep.expand(case.batch, case.heads_q, -1, -1).contiguous()
+
+
 class OnlineSoftmaxWithoutRescale(TorchFlash):
     """The running accumulator is not rescaled when the running max grows."""
     rescale = False

@@ -30,6 +30,7 @@ PLANTED = [
     (bi.NoMaxSubtraction, props.test_forward_within_bounds, "NaN/Inf where the oracle is finite|the naive reference's 0 "),
     (bi.BackwardIgnoresDelta, props.test_backward_within_bounds, ""),
     (bi.DropoutWithoutRescale, props.test_dropout_unbiased, "dropout is biased"),
+    (bi.DropoutMaskSharedAcrossHeads, props.test_dropout_masks_differ_across_heads, "got the same dropout mask"),
     (bi.OnlineSoftmaxWithoutRescale, props.test_forward_within_bounds, ""),
     (bi.UsesTf32, props.test_forward_within_bounds, r"dtype='float32'"),
     (bi.NondeterministicDq, props.test_deterministic, "dq differs between two identical calls"),
@@ -68,7 +69,8 @@ def test_planted_bug_is_found(cls, prop, text):
 CORRECT_PROPERTIES = [props.test_forward_within_bounds, props.test_backward_within_bounds,
                       props.test_causal_alignment_with_unequal_lengths, props.test_fully_masked_rows_give_zero,
                       props.test_gqa_equals_repeated_kv, props.test_dropout_gradient_matches_forward_mask,
-                      props.test_dropout_unbiased, props.test_deterministic,
+                      props.test_dropout_unbiased, props.test_dropout_masks_differ_across_heads,
+                      props.test_deterministic,
                       props.test_agrees_with_mpmath_on_sampled_rows]
 
 
