@@ -341,7 +341,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     tl.store(STATS + STATS_LOGL + bh * NQ + offs_m, logl, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["H", "NQ"])
+@triton.jit(do_not_specialize=["H", "NQ"])   # a light kernel: not worth a compile per sequence length
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, D,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d] (the rowsum(dO o O) of FlashAttention-2)."""
