@@ -12,20 +12,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-H, TOKENS = 16, 32768
+from test_speed import IMPLS, TOKENS, _inputs   # the speed grid's implementations and inputs
 
-
-def _impls():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from flashverify.kernels import attention
-
-    def cudnn(q, k, v, causal):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return {"flashverify": lambda q, k, v, causal: attention(q, k, v, causal=causal), "sdpa-cudnn": cudnn}
+PROFILED = ("flashverify", "sdpa-cudnn")
 
 
 def _step_ms(fn, rounds=20):
@@ -51,11 +41,9 @@ def _host_us(fn, calls=50):
 
 def profile(d, n, causal):
     from triton.testing import do_bench
-    b = TOKENS // n
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, H, n, d, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
-               for _ in range(3))
-    for name, fn in _impls().items():
+    q, k, v = _inputs(TOKENS // n, n, d, torch.float16)
+    for name in PROFILED:
+        fn = IMPLS[name]
         o = fn(q, k, v, causal)
         do = torch.randn_like(o)
 

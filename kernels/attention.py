@@ -283,15 +283,19 @@ def _flags(pb: _Problem, D: int):
                 PRECISE_EXP=pb.precise_exp)
 
 
+def _logl_offset(rows: int) -> int:
+    """Where the row statistics' log l starts (after the row max): padded to a multiple of 16
+    floats, so its loads stay aligned and Triton compiles one kernel for every B * H * Nq."""
+    return -(-rows // 16) * 16
+
+
 def _forward(q, k, v, pb: _Problem):
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
-    # Row max, then log l from STATS_LOGL on: that offset is padded to a multiple of 16 floats so
-    # the log l loads stay aligned (and Triton compiles one kernel for every B * H * Nq).
-    logl_at = -(-B * H * nq // 16) * 16
-    stats = torch.empty(logl_at + B * H * nq, device=q.device, dtype=torch.float32)
+    logl_at = _logl_offset(B * H * nq)
+    stats = torch.empty(logl_at + B * H * nq, device=q.device, dtype=torch.float32)   # row max, log l
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (triton.cdiv(nq, t.block_m), B * H)
@@ -315,7 +319,7 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     mask, keylen, ms = _mask_args(pb, q)
     common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
-              stats.numel() - B * H * nq)   # where log l starts (see _forward)
+              _logl_offset(B * H * nq))
     t = pb.config.dkdv
     tk._bwd_dkdv_kernel[(triton.cdiv(nk, t.block_n), B * Hkv)](
         q, k, v, do, stats, delta, dk, dv, mask, keylen,
