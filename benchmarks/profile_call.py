@@ -70,6 +70,8 @@ def profile(d, n, causal):
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("profile_call.py needs a CUDA device")
+    if len(sys.argv) % 3 != 1 or not all(x.isdigit() for x in sys.argv[1:]):
+        sys.exit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
     args = [int(x) for x in sys.argv[1:]] or [64, 1024, 0, 128, 1024, 0, 128, 16384, 0]
     for i in range(0, len(args), 3):
         profile(args[i], args[i + 1], bool(args[i + 2]))

@@ -88,19 +88,22 @@ def main():
     variants = {"": {}, " dropout": dict(DROPOUT=True), " gqa": dict(GROUP=2, HKV=H // 2),
                 " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1), " addmask": dict(MASK_KIND=2)}
     print(f"triton {triton.__version__}, ptxas {PTXAS}")
-    serialized = 0
+    serialized, checked = 0, 0
     for key, config in sorted(table.items()):
         d = int(key.split("-")[0][1:])
         for name, kernel in kernels.items():
             for label, extra in variants.items():
                 if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
                     continue
+                checked += 1
                 log = compile_log(kernel, d, getattr(config, name), extra)
                 bad = "C7515" in log
                 serialized += bad
                 usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
                                  if "spill" in line or "Used" in line)
                 print(f"{'SERIALIZED' if bad else 'ok':10s} {key:12s} {name:4s}{label:10s} {usage}", flush=True)
+    if not checked:
+        ap.error(f"--only: no entry matches {args.only!r} (entries: '<D64|D128>-<dense|masked> <fwd|dkdv|dq>')")
     print(f"{serialized} serialized" if serialized else "no wgmma serialization")
     return 1 if serialized else 0
 
