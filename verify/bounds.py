@@ -38,6 +38,18 @@ UNIT_ROUNDOFF = {
 # Largest absolute error of rounding a number in [0, 1] into the format's subnormal range
 # (half the smallest subnormal): P and dS can be that small, where relative bounds fail.
 SUBNORMAL_HALF_STEP = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150, "float64": 2.0**-1075}
+# Formats whose subnormals GPUs may flush to zero (float32 exp2.approx.ftz; bfloat16 and float32
+# tensor-core operands and results): a value below the smallest normal, 2^-126, can become 0,
+# an absolute error up to 2^-126 rather than half a subnormal step. float16 keeps its subnormals
+# (tensor cores and conversions support them). Found by the release profile on the H100: a bf16
+# row whose only kept key had P = 3.6e-40 came back 0 where the oracle's O was ~4e-39, 7x the
+# gradual-underflow bound.
+FLUSHED_BELOW = {"bfloat16": 2.0**-126, "float32": 2.0**-126}
+
+
+def underflow_error(fmt: str) -> float:
+    """Largest absolute error of rounding a number near zero into `fmt`, flushing included."""
+    return max(FLUSHED_BELOW.get(fmt, 0.0), SUBNORMAL_HALF_STEP.get(fmt, 0.0))
 # Hardware exp2 (MUFU.EX2 on NVIDIA GPUs) is accurate to about 2 ulp of float32.
 EXP2_RELATIVE_ERROR = 4 * UNIT_ROUNDOFF["float32"]
 
@@ -99,8 +111,8 @@ class Precision:
     def p_floor(self) -> float:
         """Absolute error of a computed probability near underflow: exp is good to ~2 ulps, and
         in the subnormal range an ulp is the fixed subnormal step (P ~ 1e-44 in float32 has
-        only a few significant bits)."""
-        return 4 * SUBNORMAL_HALF_STEP[self.accumulate]
+        only a few significant bits); hardware that flushes subnormals loses P below 2^-126."""
+        return 4 * SUBNORMAL_HALF_STEP[self.accumulate] + FLUSHED_BELOW.get(self.accumulate, 0.0)
 
     def dot_gamma(self, n: int) -> float:
         """Relative error bound of an n-term dot product of `low` operands."""
@@ -137,7 +149,7 @@ def forward_bounds(q, k, v, fwd, masking, scale, keep, dropout_p, precision: Pre
     l_row = torch.exp(fwd.lse - torch.where(allowed, (q @ k.transpose(-1, -2)) * scale
                                             + (bias if bias is not None else 0.0), -torch.inf).amax(-1))
     l_row = torch.where(torch.isfinite(l_row), l_row, 1.0).unsqueeze(-1)
-    eta = SUBNORMAL_HALF_STEP.get(precision.low, 0.0)
+    eta = underflow_error(precision.low)
     subnormal = (eta + precision.p_floor) * ((allowed.to(torch.float64) * z) @ _abs(v)) / l_row
     o_bound = rel * pv + subnormal + up * fwd.o.abs() + eta  # final rounding, subnormals included
     lse_bound = (es.squeeze(-1) + precision.exp_error + gamma(nk, ua)
@@ -157,7 +169,7 @@ def backward_bounds(q, k, v, do, fwd, grads, masking, scale, keep, dropout_p, pr
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     ua, up = precision.u_acc, precision.u_low
-    eta = SUBNORMAL_HALF_STEP.get(precision.low, 0.0)
+    eta = underflow_error(precision.low)
     z = keep.to(torch.float64) / (1 - dropout_p) if (keep is not None and dropout_p > 0) else torch.ones(())
     allowed = fwd.p > 0
     p = fwd.p
