@@ -17,6 +17,8 @@ CASES = {
     "one-hot": Case(seqlen_q=16, seqlen_k=32, head_dim=16, distribution="one_hot", dtype="bfloat16"),
     "masked-rows": Case(batch=2, seqlen_q=16, seqlen_k=24, head_dim=16, key_lengths=(0, 9), mask="additive"),
     "dropout-fp32": Case(seqlen_q=16, seqlen_k=24, head_dim=16, dropout_p=0.4, seed=3, dtype="float32"),
+    # rows 3 and 4 have -inf on their only key (found by the release profile: mpmath took exp(nan))
+    "additive-inf-only-key": Case(seqlen_q=5, seqlen_k=1, head_dim=24, mask="additive"),
 }
 
 

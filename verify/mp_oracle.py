@@ -78,6 +78,8 @@ class MpOracle:
         allowed, bias = masking.allowed_and_bias(self.B, self.H, self.nq, self.nk, "cpu")
         self.allowed = allowed.cpu().numpy()
         self.bias = None if bias is None else bias.cpu().numpy()
+        if self.bias is not None:   # an additive -inf masks a key as surely as a False does
+            self.allowed = self.allowed & (self.bias != -np.inf)
         self.keep = None if (keep is None or dropout_p == 0) else keep.detach().cpu().numpy()
         self.inv_keep = self.ctx.mpf(1) / (1 - self.ctx.mpf(float(dropout_p)))
 
