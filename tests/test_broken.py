@@ -64,6 +64,15 @@ def test_planted_bug_is_found(cls, prop, text):
     message = _messages(info.value)
     assert re.search(text, message), message
     print(f"\n{cls.__name__}: {prop.__name__} failed after {elapsed:.1f} s: {message.splitlines()[0][:120]}")
+    if not isinstance(info.value, FlakyFailure):   # the printed reproducer, pasted and run, fails the same way
+        with pytest.raises(AssertionError) as again:
+            exec(_reproducer(message), {})
+        assert str(again.value).splitlines()[0] == str(info.value).splitlines()[0]
+
+
+def _reproducer(message: str) -> str:
+    start = message.index("# flashverify reproducer")
+    return message[start:message.index("\n", message.index("print(", start))]
 
 
 CORRECT_PROPERTIES = [props.test_forward_within_bounds, props.test_backward_within_bounds,

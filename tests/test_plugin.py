@@ -34,7 +34,7 @@ def test_broken_implementation_fails_with_a_readable_summary(pytester, tmp_path)
     assert data["run"]["profile"] == "ci"
     failed = [r for r in data["results"] if r["outcome"] == "failed"]
     assert failed[0]["implementation"] == "broken_impls:NanOnMaskedRows"
-    assert "case = Case(" in failed[0]["reproducer"]
+    assert "example = Case(" in failed[0]["reproducer"]
 
 
 def test_bad_impl_spec_is_a_usage_error(pytester):

@@ -66,6 +66,7 @@ class Env:
     max_seqlen: int
     repro_dir: str | None
     shards: int = 1   # --attn-shards: this test runs 1/shards of the profile's examples
+    replay: object = None  # check this one example instead of searching (flashverify.properties.replay)
 
     @property
     def settings(self):

@@ -29,6 +29,19 @@ for check in evaluate(case, inputs, out, keep=keep):
 '''
 
 
+def property_reproducer(impl_spec: str, example, device: str, property_name: str) -> str:
+    """A standalone snippet that re-checks one property on the failing example (the property's own
+    check, not a generic one: a dropout, determinism or mpmath failure shows as it did)."""
+    return f'''# flashverify reproducer: {property_name} failed for {impl_spec}
+from flashverify.case import Case
+from flashverify.properties import replay
+
+example = {example!r}
+replay({property_name!r}, {impl_spec!r}, example, device={device!r})  # raises as the property did
+print("{property_name} holds on this example")
+'''
+
+
 def save(directory: str, impl_spec: str, property_name: str, text: str) -> str:
     """Write a reproducer under `directory`; returns its path."""
     os.makedirs(directory, exist_ok=True)
