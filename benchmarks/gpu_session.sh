@@ -46,7 +46,7 @@ for step in "$@"; do
       q=${step#props-release-}   # of a warm machine carries over): merge with `flashverify merge-properties`
       timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
         --attn-profile release --attn-shards 4 -k "shard${q}of4" --attn-report "$OUT/props-release-$q.json" \
-        --durations=20 --hypothesis-show-statistics 2>&1 \
+        --durations=20 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;
     props-torch)
       timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
