@@ -8,7 +8,7 @@
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
 #            measurement, merged), as $OUT/report.tgz
-#   props-release-1 .. props-release-4   the release profile on the bundled kernel, in quarters
+#   props-release-1 .. props-release-3   the release profile on the bundled kernel, a third each
 #   props-torch   torch's kernels (SDPA backends, FlexAttention) with the ci profile
 #   bench-fp16, bench-bf16   half the speed grid each (about 3 min each), with the floors
 set -uo pipefail
@@ -42,10 +42,11 @@ for step in "$@"; do
       data=(); for d in main flex; do [ -f rep/$d/report.json ] && data+=(--data rep/$d/report.json); done
       flashverify report "${data[@]}" --out rep/h100 | tail -3
       tar czf "$OUT/report.tgz" rep ;;
-    props-release-[1-4])   # the release profile in quarters (one 10-minute call each; the Triton cache
-      q=${step#props-release-}   # of a warm machine carries over): merge with `flashverify merge-properties`
+    props-release-[1-3])   # the release profile in thirds: 12 shards of 25 examples per property, 4 per call,
+      q=${step#props-release-}   # so 16 workers share 64 short tests (quarters of one long test per
+      k=$(seq -f "shard%gof12" $((4 * q - 3)) $((4 * q)) | paste -sd' ' | sed 's/ / or /g')   # property idled workers)
       timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
-        --attn-profile release --attn-shards 4 -k "shard${q}of4" --attn-report "$OUT/props-release-$q.json" \
+        --attn-profile release --attn-shards 12 -k "$k" --attn-report "$OUT/props-release-$q.json" \
         --durations=20 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;
     props-torch)
