@@ -13,17 +13,22 @@ import math
 import pytest
 import torch
 from hypothesis import currently_in_test_context, given, note, reject, target
-from hypothesis.errors import FailedHealthCheck, Unsatisfiable
+from hypothesis.errors import FailedHealthCheck, HypothesisException, Unsatisfiable
 from hypothesis import strategies as st
 
 from flashverify.case import Inputs
 from flashverify.evaluate import Outputs, evaluate, evaluate_against_mpmath, output_bound
-from flashverify.impls import Unsupported
+from flashverify.impls import ImplementationError, Unsupported
 from flashverify.plugin import record_declined, record_worst
 from flashverify.properties import strategies as fst
 from flashverify.repro import property_reproducer, save
 
 GRADS = ("dq", "dk", "dv")
+
+
+class HarnessError(Exception):
+    """flashverify's own code (oracles, bounds, a property) failed on an example: not a verdict on
+    the implementation. The release profile met one (the mpmath oracle on an all -inf row)."""
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -73,6 +78,11 @@ def for_all(impl, env, strategy, name):
                 if env.repro_dir:
                     note(f"reproducer saved to {save(env.repro_dir, impl.spec, name, text)}")
                 raise
+            except (ImplementationError, HypothesisException):
+                raise
+            except Exception as e:  # impl.run wraps what the implementation raises: this is ours
+                raise HarnessError(f"flashverify itself raised {type(e).__name__}: {e} - a harness bug, not a "
+                                   f"verdict on {impl.name}; please report it with the reproducer") from e
         try:
             inner()
         except (Unsatisfiable, FailedHealthCheck):

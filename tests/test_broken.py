@@ -87,3 +87,13 @@ CORRECT_PROPERTIES = [props.test_forward_within_bounds, props.test_backward_with
 @pytest.mark.parametrize("prop", CORRECT_PROPERTIES, ids=[p.__name__ for p in CORRECT_PROPERTIES])
 def test_correct_twin_passes(prop):
     prop(_impl(bi.TorchFlash), CI_ENV)
+
+
+def test_an_error_in_the_harness_is_named_as_such(monkeypatch):
+    """An exception from flashverify's own code (here, the oracle comparison) is reported as a
+    harness bug, not as the implementation failing."""
+    def broken_evaluate(*args, **kwargs):
+        raise ValueError("cannot convert inf or nan to int")
+    monkeypatch.setattr(props, "evaluate", broken_evaluate)
+    with pytest.raises(props.HarnessError, match="flashverify itself raised ValueError.*not a verdict on"):
+        props.test_forward_within_bounds(_impl(bi.TorchFlash), CI_ENV)
