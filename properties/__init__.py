@@ -21,6 +21,5 @@ def replay(prop: str, impl_spec: str, example, device: str | None = None) -> Non
         known = sorted(n.removeprefix("test_") for n in dir(test_properties) if n.startswith("test_"))
         raise ValueError(f"prop: no property {prop!r}; the properties are {', '.join(known)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    impl = load(impl_spec, device=device)
-    impl.spec = impl_spec
-    test(impl, Env(device=device, profile="dev", max_seqlen=1 << 30, repro_dir=None, replay=example))
+    env = Env(device=device, profile="dev", max_seqlen=1 << 30, repro_dir=None, replay=example)
+    test(load(impl_spec, device=device), env)

@@ -46,10 +46,6 @@ SUBNORMAL_HALF_STEP = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.
 # gradual-underflow bound.
 FLUSHED_BELOW = {"bfloat16": 2.0**-126, "float32": 2.0**-126}
 
-
-def underflow_error(fmt: str) -> float:
-    """Largest absolute error of rounding a number near zero into `fmt`, flushing included."""
-    return max(FLUSHED_BELOW.get(fmt, 0.0), SUBNORMAL_HALF_STEP.get(fmt, 0.0))
 # Hardware exp2 (MUFU.EX2 on NVIDIA GPUs) is accurate to about 2 ulp of float32.
 EXP2_RELATIVE_ERROR = 4 * UNIT_ROUNDOFF["float32"]
 
@@ -75,6 +71,11 @@ REFERENCE_RATIO = {"o": FORWARD_REFERENCE_RATIO, "lse": FORWARD_REFERENCE_RATIO,
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def underflow_error(fmt: str) -> float:
+    """Largest absolute error of rounding a number near zero into `fmt`, flushing included."""
+    return max(FLUSHED_BELOW.get(fmt, 0.0), SUBNORMAL_HALF_STEP.get(fmt, 0.0))
 
 
 def gamma(n: int, u: float) -> float:

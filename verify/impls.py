@@ -302,8 +302,14 @@ def builtin(name: str, device) -> Implementation:
 
 def load(spec: str, device=None) -> Implementation:
     """A built-in name, an Implementation class or instance at 'module:attr', or any
-    SDPA-signature callable at 'module:attr' (probed for capabilities on `device`)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    SDPA-signature callable at 'module:attr' (probed for capabilities on `device`); its `spec`
+    is set to `spec`, the name reports and reproducers give it."""
+    impl = _load(spec, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impl.spec = spec
+    return impl
+
+
+def _load(spec: str, device) -> Implementation:
     if spec in BUILTIN_IMPLEMENTATIONS:
         return builtin(spec, device)
     if ":" not in spec:

@@ -165,7 +165,6 @@ def attn_impl(request, attn_env):
             impl = load(spec, device=attn_env.device)
         except ValueError as e:
             raise pytest.UsageError(str(e)) from None
-        impl.spec = spec
         _loaded[spec] = impl
     return _loaded[spec]
 
