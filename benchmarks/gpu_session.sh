@@ -4,6 +4,7 @@
 #   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT
 #   profile  host vs GPU time of single calls (benchmarks/profile_call.py)
 #   tests    the harness's tests, natively on the GPU (about 6 min on 16 workers: a call of its own)
+#   tests-kernel  tests/test_kernel.py alone on the GPU (about 2 min): after a launch or tile change
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
@@ -27,6 +28,9 @@ for step in "$@"; do
       timeout 150 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)
       timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" ;;
+    tests-kernel)   # the kernel's own tests alone (about 2 min): after a launch or tile change
+      timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short tests/test_kernel.py 2>&1 \
+        | tee "$OUT/tests-kernel.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
     golden)
       timeout -s INT 240 flashverify golden update --jobs 14 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
       cp golden/nvidia-*.json "$OUT/" ;;
@@ -45,7 +49,7 @@ for step in "$@"; do
     props-release-[1-3])   # the release profile in thirds: 12 shards of 25 examples per property, 4 per call,
       q=${step#props-release-}   # so 16 workers share 64 short tests (quarters of one long test per
       k=$(seq -f "shard%gof12" $((4 * q - 3)) $((4 * q)) | paste -sd' ' | sed 's/ / or /g')   # property idled workers)
-      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
+      timeout -s INT 575 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
         --attn-profile release --attn-shards 12 -k "$k" --attn-report "$OUT/props-release-$q.json" \
         --durations=20 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;

@@ -49,7 +49,8 @@ def _args(d, extra):
 
 
 def compile_log(kernel, d, tile, extra):
-    """ptxas -v output for one specialization, signature built as Triton's launcher would."""
+    """ptxas -v output and shared memory bytes for one specialization, signature built as Triton's
+    launcher would."""
     ptr, ints, const = _args(d, dict(extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n))
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
@@ -73,7 +74,12 @@ def compile_log(kernel, d, tile, extra):
             f.write(compiled.asm["ptx"])
         run = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", os.path.join(tmp, "k.ptx"), "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    return run.stdout + run.stderr
+    return run.stdout + run.stderr, compiled.metadata.shared
+
+
+# Opt-in shared memory per block on sm_90 (H100, H200): what Triton's launcher checks a kernel
+# against before it raises OutOfResources (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SM90_SHARED_BYTES = 232448
 
 
 def main():
@@ -88,7 +94,7 @@ def main():
     variants = {"": {}, " dropout": dict(DROPOUT=True), " gqa": dict(GROUP=2, HKV=H // 2),
                 " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1), " addmask": dict(MASK_KIND=2)}
     print(f"triton {triton.__version__}, ptxas {PTXAS}")
-    serialized, checked = 0, 0
+    serialized, too_big, checked = 0, 0, 0
     for key, config in sorted(table.items()):
         d = int(key.split("-")[0][1:])
         for name, kernel in kernels.items():
@@ -96,15 +102,21 @@ def main():
                 if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
                     continue
                 checked += 1
-                log = compile_log(kernel, d, getattr(config, name), extra)
-                bad = "C7515" in log
+                tile = getattr(config, name)
+                log, shared = compile_log(kernel, d, tile, extra)
+                bad, big = "C7515" in log, shared > SM90_SHARED_BYTES
                 serialized += bad
+                too_big += big
                 usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
                                  if "spill" in line or "Used" in line)
-                print(f"{'SERIALIZED' if bad else 'ok':10s} {key:12s} {name:4s}{label:10s} {usage}", flush=True)
+                verdict = "SERIALIZED" if bad else "NO-FIT" if big else "ok"
+                print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} s{tile.num_stages} smem {shared} {usage}",
+                      flush=True)
     if not checked:
         ap.error(f"--only: no entry matches {args.only!r} (entries: '<D64|D128>-<dense|masked> <fwd|dkdv|dq>')")
     print(f"{serialized} serialized" if serialized else "no wgmma serialization")
+    print(f"{too_big} over the {SM90_SHARED_BYTES} bytes of shared memory (launched with fewer stages)"
+          if too_big else "every tile fits in shared memory as tuned")
     return 1 if serialized else 0
 
 

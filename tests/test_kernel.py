@@ -46,6 +46,9 @@ FEATURE_CASES = {
     "bool-mask": Case(seqlen_q=40, seqlen_k=50, mask="bool"),
     "bool-mask-broadcast": Case(batch=2, seqlen_q=40, seqlen_k=50, mask="bool", mask_broadcast=True),
     "additive-mask": Case(seqlen_q=40, seqlen_k=50, mask="additive", dtype="float32"),
+    # H100: the tuned D=128 masked dK/dV tile needs 248,064 bytes of shared memory with an additive
+    # mask (found by the release profile); the launch must fall back to fewer stages
+    "additive-mask-causal-d128": Case(seqlen_q=1, seqlen_k=32, head_dim=128, causal=True, mask="additive"),
     "gqa": Case(heads_q=6, heads_kv=2, seqlen_q=40, seqlen_k=36, causal=True),
     "mqa": Case(heads_q=4, heads_kv=1, seqlen_q=40, seqlen_k=36, dtype="bfloat16"),
     "dropout-fp16": Case(seqlen_q=40, seqlen_k=50, dropout_p=0.3, seed=11),
@@ -275,6 +278,50 @@ def test_loop_split_visits_every_allowed_block_and_masks_only_edges(device):
                         full = tile.shape[1] == inner and tile.all()
                         assert full, f"{where}: interior block {start} has disallowed scores"
                 assert not (set(range(mid_lo, mid_hi, inner)) & set(range(lo, mid_lo, inner))), where
+
+
+def test_launch_falls_back_to_fewer_stages_where_shared_memory_runs_out(monkeypatch):
+    """A tile that does not fit is launched with fewer stages (remembered for the next launch);
+    one that does not fit with a single stage is an error, not a silent skip."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    monkeypatch.setattr(a, "_STAGES_THAT_FIT", {})
+    launched = []
+
+    class Kernel:   # Triton's `kernel[grid](...)`; raises OutOfResources above `fits` stages
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **constexprs):
+                launched.append(num_stages)
+                if num_stages > self.fits:
+                    raise a.OutOfResources(248064, 232448, "shared memory")
+            return launch
+
+    kernel = Kernel(fits=2)
+    a._launch(kernel, (1,), a.Tile(64, 128, 8, 4), BLOCK_M=64)
+    a._launch(kernel, (1,), a.Tile(64, 128, 8, 4), BLOCK_M=64)
+    assert launched == [4, 3, 2, 2]
+    with pytest.raises(a.OutOfResources):
+        a._launch(Kernel(fits=0), (1,), a.Tile(64, 128, 8, 2), BLOCK_M=64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter has no pipeline stages")
+def test_stages_do_not_change_results(monkeypatch, device):
+    """The stage fallback of _launch is exact: every tile with 1 stage gives the tuned tile's bits."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=257, head_dim=128, causal=True, mask="bool",
+                dropout_p=0.2, seed=5)
+    x = case.inputs(device)
+    kw = dict(causal=True, attn_mask=x.attn_mask, dropout_p=0.2, seed=5)
+    tuned = _grads(x.q, x.k, x.v, x.do, **kw)
+    config = a.default_config(128, x.q.dtype, masked=True, device=x.q.device)
+    assert max(t.num_stages for t in (config.fwd, config.dkdv, config.dq)) > 1
+    one_stage = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, 1)
+                                 for t in (config.fwd, config.dkdv, config.dq)))
+    monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: one_stage)
+    for first, again in zip(tuned, _grads(x.q, x.k, x.v, x.do, **kw)):
+        assert torch.equal(first, again)
 
 
 def test_tile_table_of_each_gpu_parses():
