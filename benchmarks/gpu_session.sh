@@ -68,7 +68,8 @@ for step in "$@"; do
         --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
       tail -3 "$OUT/bench-$dt.log"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
-    *) echo "unknown step $step"; exit 2 ;;
+    *) echo "unknown step $step; the steps: tune profile tests tests-kernel golden gate report" \
+         "props-release-1 props-release-2 props-release-3 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
 done
