@@ -42,7 +42,7 @@ def _args(d, extra):
         ints.update({prefix + s: v for s, v in zip("bhmd", strides)})
         ints.update({prefix + s: v for s, v in zip("bhnd", strides)})
     const = dict(BLOCK_D=d, EVEN_D=True, ALIGN_BOTTOM_RIGHT=False, KEYLEN_ON=False, MASK_KIND=0, DROPOUT=False,
-                 DOT_PRECISION="ieee", PRECISE_EXP=False, CHECK_ROWS=False)
+                 DOT_PRECISION="ieee", PRECISE_EXP=False, FOLD_SCALE=True, EDGES=False, CHECK_ROWS=False)
     for k, v in extra.items():
         (const if k in const or k.startswith("BLOCK") else ints)[k] = v
     return ptr, ints, const
@@ -92,26 +92,31 @@ def main():
         ap.error(f"--gpu: no tile table kernels/tiles/{args.gpu}.json")
     kernels = {"fwd": tk._fwd_kernel, "dkdv": tk._bwd_dkdv_kernel, "dq": tk._bwd_dq_kernel}
     variants = {"": {}, " dropout": dict(DROPOUT=True), " gqa": dict(GROUP=2, HKV=H // 2),
-                " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1), " addmask": dict(MASK_KIND=2)}
+                " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1),
+                " addmask": dict(MASK_KIND=2, FOLD_SCALE=False)}
     print(f"triton {triton.__version__}, ptxas {PTXAS}")
     serialized, too_big, checked = 0, 0, 0
-    for key, config in sorted(table.items()):
+    for key, by_n in sorted(table.items()):
         d = int(key.split("-")[0][1:])
         for name, kernel in kernels.items():
-            for label, extra in variants.items():
-                if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
-                    continue
-                checked += 1
-                tile = getattr(config, name)
-                log, shared = compile_log(kernel, d, tile, extra)
-                bad, big = "C7515" in log, shared > SM90_SHARED_BYTES
-                serialized += bad
-                too_big += big
-                usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
-                                 if "spill" in line or "Used" in line)
-                verdict = "SERIALIZED" if bad else "NO-FIT" if big else "ok"
-                print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} s{tile.num_stages} smem {shared} {usage}",
-                      flush=True)
+            tiles = {}   # each distinct tile once, with the tuned N that use it
+            for n, config in sorted(by_n.items()):
+                tiles.setdefault(getattr(config, name), []).append(f"{n // 1024}K")
+            for tile, ns in tiles.items():
+                for label, extra in variants.items():
+                    if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
+                        continue
+                    checked += 1
+                    log, shared = compile_log(kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
+                    bad, big = "C7515" in log, shared > SM90_SHARED_BYTES
+                    serialized += bad
+                    too_big += big
+                    usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                                     if "spill" in line or "Used" in line)
+                    verdict = "SERIALIZED" if bad else "NO-FIT" if big else "ok"
+                    where = f"{tile.block_m}x{tile.block_n}w{tile.num_warps}s{tile.num_stages} N{'/'.join(ns)}"
+                    print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} {where:22s} smem {shared} {usage}",
+                          flush=True)
     if not checked:
         ap.error(f"--only: no entry matches {args.only!r} (entries: '<D64|D128>-<dense|masked> <fwd|dkdv|dq>')")
     print(f"{serialized} serialized" if serialized else "no wgmma serialization")

@@ -2,9 +2,12 @@
 
 For each head dim (64, 128) and mask (dense, causal), each kernel (forward, dK/dV, dQ) runs with
 every candidate tile (block_m, block_n, num_warps, num_stages) at N = 1K, 4K, 16K (B = 32K / N,
-H = 16, fp16, the speed grid's shapes). The winner has the lowest geometric mean of time over
-the fastest candidate's at each N. The table serves fp16 and bf16 (same tiles, same code path);
-float32 keeps the fixed tiles. Every timing is kept in the file, so the choice can be audited.
+H = 16, fp16, the speed grid's shapes). The overall winner has the lowest geometric mean of time
+over the fastest candidate's at each N; at an N where another candidate is more than NOISE faster
+(beyond do_bench's run-to-run spread), that one is taken for that N. The kernel picks the tiles of
+the tuned N nearest its problem's (attention.default_config). The table serves fp16 and bf16
+(same tiles, same code path); float32 keeps the fixed tiles. Every timing is kept in the file, so
+the choice can be audited.
 
 A candidate whose output differs grossly from the fixed tiles' (normwise > 5 %, where a correct
 tile differs by rounding, ~1e-3) is rejected as broken; the chosen table is then verified by the
@@ -42,6 +45,7 @@ DQ = [(128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 6
       (128, 128, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2)]
 CANDIDATES = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}
 BROKEN = 0.05
+NOISE = 0.03   # run-to-run spread of one do_bench timing on the H100 (2-3 %, sessions 6-8)
 
 
 def _attn():
@@ -118,19 +122,19 @@ def main(argv=None):
     for d in HEAD_DIMS:
         for causal in (False, True):
             key = f"D{d}-{'masked' if causal else 'dense'}"
-            current = a.default_config(d, torch.float16, masked=causal)
+            current = {n: a.default_config(d, torch.float16, masked=causal) for n in NS}   # fixed tiles
             timings[key] = {}
-            for kernel in ("fwd", "dkdv", "dq"):   # dq is timed with the chosen dkdv tile, and so on
+            for kernel in ("fwd", "dkdv", "dq"):   # dq is timed with the chosen dkdv tiles, and so on
                 per_n = {}
                 for n in NS:
                     q, k, v, do = _inputs(TOKENS // n, n, d)
-                    o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, current))
-                    ref = _run(q, k, v, do, causal, kernel, current, (o, stats))
+                    o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, current[n]))
+                    ref = _run(q, k, v, do, causal, kernel, current[n], (o, stats))
                     for tile in CANDIDATES[kernel]:
                         name = "x".join(map(str, tile[:2])) + f"w{tile[2]}s{tile[3]}"
                         if (d, causal, kernel, tile) in failed:
                             continue
-                        config = dataclasses.replace(current, **{kernel: a.Tile(*tile)})
+                        config = dataclasses.replace(current[n], **{kernel: a.Tile(*tile)})
                         try:
                             got = _run(q, k, v, do, causal, kernel, config, (o, stats))
                             err = max(_rel(x, r) for x, r in zip(got, ref))
@@ -147,12 +151,15 @@ def main(argv=None):
                 best = {n: min(r[f"N{n}"] for r in complete.values()) for n in NS}
                 for r in complete.values():
                     r["score"] = math.exp(sum(math.log(r[f"N{n}"] / best[n]) for n in NS) / len(NS))
-                winner = min(complete.values(), key=lambda r: r["score"])
-                current = dataclasses.replace(current, **{kernel: a.Tile(*winner["tile"])})
+                overall = min(complete.values(), key=lambda r: r["score"])
+                for n in NS:
+                    fastest = min(complete.values(), key=lambda r: r[f"N{n}"])
+                    chosen = fastest if fastest[f"N{n}"] * (1 + NOISE) < overall[f"N{n}"] else overall
+                    current[n] = dataclasses.replace(current[n], **{kernel: a.Tile(*chosen["tile"])})
+                    print(f"{key} {kernel} N{n}: {chosen['tile']} {chosen[f'N{n}']:.3f} ms", flush=True)
                 timings[key][kernel] = dict(sorted(per_n.items(), key=lambda kv: kv[1].get("score", 1e9)))
-                print(f"{key} {kernel}: {winner['tile']}  " + "  ".join(
-                    f"N{n}={winner[f'N{n}']:.3f} ms" for n in NS), flush=True)
-            tiles[key] = {kern: list(dataclasses.astuple(getattr(current, kern))) for kern in ("fwd", "dkdv", "dq")}
+            tiles[key] = {f"N{n}": {kern: list(dataclasses.astuple(getattr(current[n], kern)))
+                                    for kern in ("fwd", "dkdv", "dq")} for n in NS}
 
     table = {"schema": a.TILES_SCHEMA, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
              "triton": __import__("triton").__version__, "tuned_dtype": "float16", "applies_to": ["float16", "bfloat16"],

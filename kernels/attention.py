@@ -45,7 +45,7 @@ class LaunchConfig:
     dq: Tile
 
 
-TILES_SCHEMA = "flashverify.tiles/1"
+TILES_SCHEMA = "flashverify.tiles/2"
 TILES_DIR = os.path.join(os.path.dirname(__file__), "tiles")
 
 
@@ -64,7 +64,9 @@ def _slug_of(index: int) -> str:
 @functools.lru_cache(maxsize=None)
 def tuned_tiles(slug: str) -> dict:
     """The tile table measured on this GPU model by benchmarks/tune.py (kernels/tiles/<slug>.json),
-    or {} when none was measured. Keys: 'D<block_d>-<dense|masked>'; 16-bit dtypes only."""
+    or {} when none was measured: {'D<block_d>-<dense|masked>': {tuned N: LaunchConfig}}, 16-bit
+    dtypes only. Tiles are per sequence length because the fastest tile is not the same at N=1K
+    (many short programs) as at N=16K (H100, D=128 causal dQ: 64x32 fastest at 1K, 10 % slower at 16K)."""
     path = os.path.join(TILES_DIR, f"{slug}.json")
     if not os.path.exists(path):
         return {}
@@ -73,8 +75,14 @@ def tuned_tiles(slug: str) -> dict:
     if table.get("schema") != TILES_SCHEMA:
         raise ValueError(f"{path}: schema {table.get('schema')!r} is not {TILES_SCHEMA!r}; "
                          "re-measure it with benchmarks/tune.py")
-    return {key: LaunchConfig(*(Tile(*entry[kernel]) for kernel in ("fwd", "dkdv", "dq")))
-            for key, entry in table["tiles"].items()}
+    return {key: {int(n.lstrip("N")): LaunchConfig(*(Tile(*entry[kernel]) for kernel in ("fwd", "dkdv", "dq")))
+                  for n, entry in by_n.items()}
+            for key, by_n in table["tiles"].items()}
+
+
+def nearest_tuned(tuned_ns, seqlen: int) -> int:
+    """The tuned sequence length closest to `seqlen` on a log scale (ties: the shorter)."""
+    return min(sorted(tuned_ns), key=lambda n: abs(math.log2(n / seqlen)))
 
 
 def block_d(head_dim: int) -> int:
@@ -82,17 +90,19 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, device=None) -> LaunchConfig:
+def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, device=None,
+                   seqlen: int = 16384) -> LaunchConfig:
     """Tile shapes for a problem: the tuned table of this GPU model where one was measured (16-bit
-    dtypes, `masked` = causal or windowed), else fixed shapes by head dim, smaller where registers
-    or shared memory run short. Tiles change the summation order, so error figures are per GPU model."""
+    dtypes, `masked` = causal or windowed; the tiles of the tuned N nearest `seqlen`, the longer of
+    Nq and Nk), else fixed shapes by head dim, smaller where registers or shared memory run short.
+    Tiles change the summation order, so error figures are per GPU model."""
     if interpreting():  # numpy: fewer, larger programs are faster; 32 keeps edge tiles exercised
         t = Tile(32, 32)
         return LaunchConfig(t, t, t)
     if device is not None and dtype in (torch.float16, torch.bfloat16):
         tuned = tuned_tiles(device_slug(device)).get(f"D{block_d(head_dim)}-{'masked' if masked else 'dense'}")
-        if tuned is not None:
-            return tuned
+        if tuned:
+            return tuned[nearest_tuned(tuned, seqlen)]
     wide = dtype == torch.float32
     if head_dim <= 64:
         fwd, dkdv, dq = Tile(128, 64, 4, 3), Tile(32, 128, 4, 3), Tile(128, 32, 4, 3)
@@ -110,6 +120,7 @@ def default_config(head_dim: int, dtype: torch.dtype, masked: bool = False, devi
 class _Problem:
     """Checked arguments, in the form the kernels take."""
     scale: float
+    windowed: bool  # causal or a sliding window: some blocks need the window tested score by score
     win_left: int
     win_right: int
     bottom_right: bool
@@ -252,7 +263,7 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     else:
         seed = 0
-    config = default_config(D, q.dtype, masked=enabled, device=q.device)
+    config = default_config(D, q.dtype, masked=enabled, device=q.device, seqlen=max(nq, nk))
     if blocks is not None:
         if not (isinstance(blocks, (tuple, list)) and len(blocks) == 2
                 and all(isinstance(x, int) and x >= 16 and x & (x - 1) == 0 for x in blocks)):
@@ -261,7 +272,7 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
                                 for t in (config.fwd, config.dkdv, config.dq)))
     mask, mask_kind = _check_mask(attn_mask, B, H, nq, nk, q.device)
     return _Problem(
-        scale=float(scale), win_left=left, win_right=right,
+        scale=float(scale), windowed=enabled, win_left=left, win_right=right,
         bottom_right=causal_alignment == "bottom_right",
         key_lengths=_check_key_lengths(key_lengths, B, nk, q.device),
         mask=mask, mask_kind=mask_kind, dropout_p=float(dropout_p), seed=seed,
@@ -281,7 +292,19 @@ def _flags(pb: _Problem, D: int):
     return dict(BLOCK_D=block_d(D), EVEN_D=D == block_d(D),
                 ALIGN_BOTTOM_RIGHT=pb.bottom_right, KEYLEN_ON=pb.key_lengths is not None,
                 MASK_KIND=pb.mask_kind, DROPOUT=pb.dropout_p > 0.0, DOT_PRECISION=pb.dot_precision,
-                PRECISE_EXP=pb.precise_exp)
+                PRECISE_EXP=pb.precise_exp,
+                # scale applied inside the exponent's FMA (triton_kernels._exponent_scale): needs a
+                # positive scale (row max = max(s) * scale) and no additive mask (bias in score units)
+                FOLD_SCALE=pb.score_scale > 0 and pb.mask_kind != tk.MASK_ADD.value)
+
+
+def _edges(pb: _Problem, nk: int, block_n: int | None = None) -> bool:
+    """Whether a kernel's loop can meet blocks that need masking score by score (triton_kernels._split):
+    under a causal/sliding window or per-batch key lengths, and, for loops over key blocks (block_n
+    given), when Nk is not a multiple of the block. Otherwise the kernels compile no edge code,
+    which never ran for such problems but cost time (H200, with the scale folded into the
+    exponent: D=128 dense backward 8-17 % faster, forward 1-8 %; docs/performance.md, v5)."""
+    return pb.windowed or pb.key_lengths is not None or (block_n is not None and nk % block_n != 0)
 
 
 def _logl_offset(rows: int) -> int:
@@ -326,7 +349,7 @@ def _forward(q, k, v, pb: _Problem):
         tk._fwd_kernel, grid, t,
         q, k, v, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
         H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed, logl_at,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **_flags(pb, D))
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **_flags(pb, D))
     return o, lse, stats
 
 
@@ -348,13 +371,14 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
         tk._bwd_dkdv_kernel, (triton.cdiv(nk, t.block_n), B * Hkv), t,
         q, k, v, do, stats, delta, dk, dv, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
-        H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0, **flags)
+        H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
+        EDGES=_edges(pb, nk), **flags)
     t = pb.config.dq
     _launch(
         tk._bwd_dq_kernel, (triton.cdiv(nq, t.block_m), B * H), t,
         q, k, v, do, stats, delta, dq, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
-        H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, **flags)
+        H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
     return dq, dk, dv
 
 

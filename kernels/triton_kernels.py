@@ -10,6 +10,9 @@ Conventions shared by every kernel:
   so the fast ``exp2`` can be used; for float32 inputs (PRECISE_EXP) natural units with a
   correctly rounded ``exp``, since folding log2(e) into the scale shifts every score by the
   same relative rounding and doubled float32 errors. The saved LSE is always natural-log.
+  With FOLD_SCALE (a positive scale, no additive mask) tiles hold the unscaled q . k and the
+  scale is applied inside the exponent, ``exp(s * scale - max)``: one FMA and one rounding per
+  score where scaling first took a multiply and a subtract (see _exponent_scale).
 * a score is *allowed* when the key is inside the sequence's key length, inside
   the causal/sliding window, and not removed by a boolean mask. Disallowed
   scores are ``-inf``; a query row with no allowed key gets O = 0, LSE = -inf
@@ -148,14 +151,17 @@ def _window_mask(s2, qi, kj, nk, shift, win_left, win_right, NQ):
 
 
 @triton.jit
-def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK,
-                   EDGE: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """Apply the masking rules to a tile of scores; disallowed -> -inf.
+def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, smn, NQ, NK, qk_scale,
+                   EDGE: tl.constexpr, MASK_KIND: tl.constexpr, PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """Scale a tile of q . k products to score units (unless FOLD_SCALE leaves that to the
+    exponent) and apply the masking rules; disallowed -> -inf.
 
     qi, kj: query and key indices shaped to broadcast to s2 ([M, 1] and [1, N], or transposed).
     EDGE tiles check sequence bounds and the causal/sliding window per score; interior tiles
     (see _split) lie wholly inside both, so only a user mask (if any) is applied there.
     """
+    if not FOLD_SCALE:
+        s2 = s2 * qk_scale
     if EDGE:
         s2 = _window_mask(s2, qi, kj, nk, shift, win_left, win_right, NQ)
     in_bounds = (qi < NQ) & (kj < NK)
@@ -169,6 +175,18 @@ def _masked_scores(s2, qi, kj, nk, shift, win_left, win_right, mask_ptr, smm, sm
         else:
             s2 = s2 + bias * LOG2E
     return s2
+
+
+@triton.jit
+def _exponent_scale(qk_scale, FOLD_SCALE: tl.constexpr):
+    """The factor scores still need inside the exponent: qk_scale when folded (FOLD_SCALE: the
+    max of a row is max(s) * scale, exact for scale > 0 since rounding is monotonic, and
+    s * scale - max contracts to one FMA), else 1 (scores were scaled first, as an additive mask's
+    bias in score units requires). Why: the forward is bound by per-score instructions at D=128."""
+    if FOLD_SCALE:
+        return qk_scale
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -201,17 +219,22 @@ def _split(lo, hi, first, full_end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_blocks(m0, nk, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_blocks(m0, nk, shift, win_left, win_right, NQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks the query block [m0, m0 + BLOCK_M) can see, split by _split.
 
     A score (i, j) is allowed when j < nk and -win_left <= j - (i + shift) <= win_right (an
     absent window is 'unbounded', see attention._window_bounds): key blocks outside the window
-    are skipped, and a key block is interior when that holds for its corner scores.
+    are skipped, and a key block is interior when that holds for its corner scores. The corner
+    is the last row inside the sequence, not the tile's: rows past NQ are never stored, and
+    counted they reached beyond an 'unbounded' window whenever BLOCK_M > nk, so a 128-row tile
+    over 32 keys had no interior block, and the forward, which compiles no edge loops where
+    nothing needs masking (attention._edges), did no work at all.
     """
     lo = tl.maximum(m0 + shift - win_left, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.minimum(nk, m0 + BLOCK_M + shift + win_right)
-    return _split(lo, hi, m0 + BLOCK_M - 1 + shift - win_left, tl.minimum(nk, m0 + shift + win_right + 1), BLOCK_N)
+    last_row = tl.minimum(m0 + BLOCK_M, NQ) - 1
+    return _split(lo, hi, last_row + shift - win_left, tl.minimum(nk, m0 + shift + win_right + 1), BLOCK_N)
 
 
 @triton.jit
@@ -258,17 +281,19 @@ def _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE:
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd, svn, svd,
                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p, seed,
                 BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
-                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr,
+                FOLD_SCALE: tl.constexpr):
     """Online softmax over the key blocks [start, end) for one query block."""
+    c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right,
-                            mask_base, smm, smn, NQ, NK, EDGE, MASK_KIND, PRECISE_EXP)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        s2 = _masked_scores(_dot(q, tl.trans(k), DOT_PRECISION), offs_m[:, None], offs_n[None, :], nk, shift,
+                            win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, EDGE, MASK_KIND, PRECISE_EXP,
+                            FOLD_SCALE)
+        m_new = tl.maximum(m_i, tl.max(s2, 1) * c)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = _exp(s2 - m_safe[:, None], PRECISE_EXP)
+        p = _exp(s2 * c - m_safe[:, None], PRECISE_EXP)
         alpha = _exp(m_i - m_safe, PRECISE_EXP)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
@@ -286,7 +311,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                 ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                PRECISE_EXP: tl.constexpr):
+                PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -303,21 +328,27 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
-    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, NQ, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Edge blocks, interior blocks (no per-score masking), edge blocks.
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd, svn, svd,
-                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
-                                seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    # Edge blocks, interior blocks (no per-score masking), edge blocks; without EDGES (no window, no key
+    # lengths, NK a multiple of BLOCK_N) every block is interior and the edge loops are not compiled.
+    if EDGES:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd, svn,
+                                    svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
+                                    dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
+                                    PRECISE_EXP, FOLD_SCALE)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn, skd,
                                 svn, svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
-                                dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd, svn, svd,
-                                nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p,
-                                seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                                dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
+                                PRECISE_EXP, FOLD_SCALE)
+    if EDGES:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd, svn,
+                                    svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
+                                    dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
+                                    PRECISE_EXP, FOLD_SCALE)
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -359,15 +390,16 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 
 @triton.jit
-def _bwd_probs(s2, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DROPOUT: tl.constexpr,
+def _bwd_probs(s2, c, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DROPOUT: tl.constexpr,
                PRECISE_EXP: tl.constexpr):
-    """From masked scores s2 (score units) of one tile: P recomputed from the row statistics, P with
-    dropout applied (what the forward multiplied V by), and the keep mask (DROPOUT only).
+    """From masked scores s2 of one tile (in score units once multiplied by c, see _exponent_scale):
+    P recomputed from the row statistics, P with dropout applied (what the forward multiplied V by),
+    and the keep mask (DROPOUT only).
 
     Orientation-free: qi/kj, row_max and row_logl come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
-    p = _exp((s2 - row_max) - row_logl, PRECISE_EXP)
+    p = _exp((s2 * c - row_max) - row_logl, PRECISE_EXP)
     p_drop = p
     keep = p   # unused without dropout
     if DROPOUT:
@@ -400,7 +432,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
                  sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
                  qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
                  MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 PRECISE_EXP: tl.constexpr):
+                 PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
     """dK, dV contributions of the query blocks [lo, hi) of one query head, on transposed tiles
     (keys as rows).
 
@@ -409,20 +441,24 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
     serialize every wgmma of the kernel (warning C7515: the accumulators' zero-initialisation
     reached the wait after a skipped loop), and the loads and dots follow FlexAttention's order
     (P, dV, then dP, dS, dK) to keep fewer tiles live. CHECK_ROWS: NQ is not a multiple of
-    BLOCK_M, so a block can run past the sequence.
+    BLOCK_M, so a block can run past the sequence. Without EDGES (no window, no key lengths) the
+    test is not compiled: query rows past NQ load as zeros and add exactly nothing to dK, dV, and
+    key rows past NK (a partial key block) are never stored.
     """
+    c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
                          offs_d[:, None] < D, CHECK_ROWS, EVEN_D)                    # [D, M]
         row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
         row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, CHECK_ROWS)
-        s2_t = _dot(k, q_t, DOT_PRECISION) * qk_scale                                  # [N, M]
-        if (start_m < mid_lo) | (start_m >= mid_hi):
-            s2_t = _window_mask(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, NQ)
-        s2_t = _masked_scores(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, mask_base,
-                              smm, smn, NQ, NK, False, MASK_KIND, PRECISE_EXP)
-        p_t, p_drop_t, keep_t = _bwd_probs(s2_t, row_max[None, :], row_logl[None, :], offs_m[None, :],
+        s2_t = _masked_scores(_dot(k, q_t, DOT_PRECISION), offs_m[None, :], offs_n[:, None], nk, shift, win_left,
+                              win_right, mask_base, smm, smn, NQ, NK, qk_scale, False, MASK_KIND, PRECISE_EXP,
+                              FOLD_SCALE)                                                 # [N, M]
+        if EDGES:
+            if (start_m < mid_lo) | (start_m >= mid_hi):
+                s2_t = _window_mask(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, NQ)
+        p_t, p_drop_t, keep_t = _bwd_probs(s2_t, c, row_max[None, :], row_logl[None, :], offs_m[None, :],
                                            offs_n[:, None], bh, NQ, NK, dropout_p, seed, DROPOUT, PRECISE_EXP)
         do = _load_tile(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, offs_m[:, None] < NQ, d_ok,
                         CHECK_ROWS, EVEN_D)
@@ -443,7 +479,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PRECISE_EXP: tl.constexpr, CHECK_ROWS: tl.constexpr):
+                     PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr,
+                     CHECK_ROWS: tl.constexpr):
     """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -472,7 +509,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd,
                               sdom, sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm,
                               smn, NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, CHECK_ROWS, EVEN_D, MASK_KIND, DROPOUT,
-                              DOT_PRECISION, PRECISE_EXP)
+                              DOT_PRECISION, PRECISE_EXP, FOLD_SCALE, EDGES)
 
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -485,16 +522,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
 def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd,
                svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p, seed,
                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr):
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr,
+               FOLD_SCALE: tl.constexpr):
     """dQ contributions of the key blocks [start, end) for one query block."""
+    c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), DOT_PRECISION)
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
-        s2 = _masked_scores(s2, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right, mask_base, smm, smn,
-                            NQ, NK, EDGE, MASK_KIND, PRECISE_EXP)
-        p, _, keep = _bwd_probs(s2, row_max[:, None], row_logl[:, None], offs_m[:, None], offs_n[None, :], bh, NQ, NK,
+        s2 = _masked_scores(s, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right, mask_base, smm, smn,
+                            NQ, NK, qk_scale, EDGE, MASK_KIND, PRECISE_EXP, FOLD_SCALE)
+        p, _, keep = _bwd_probs(s2, c, row_max[:, None], row_logl[:, None], offs_m[:, None], offs_n[None, :], bh, NQ, NK,
                                 dropout_p, seed, DROPOUT, PRECISE_EXP)
         ds = _bwd_dscores(p, dp, delta[:, None], keep, dropout_p, DROPOUT)
         dq += _dot(_cast(ds, k.dtype), k, DOT_PRECISION)
@@ -509,7 +548,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                    ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PRECISE_EXP: tl.constexpr):
+                   PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
     """One query block of one head: dQ = sum over key blocks of dS . K."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -531,19 +570,26 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
-    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_blocks(pid_m * BLOCK_M, nk, shift, win_left, win_right, NQ, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Edge blocks, interior blocks (no per-score masking), edge blocks.
-    dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd,
-                    svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
-                    seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+    # Edge blocks, interior blocks (no per-score masking), edge blocks (edges compiled only with EDGES, as in
+    # the forward, or with a user mask: ptxas (CUDA 12.8) serializes the wgmma of a one-loop dQ kernel that
+    # applies one, see benchmarks/ptxas_check.py).
+    if EDGES or MASK_KIND != MASK_NONE:
+        dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn,
+                        skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
+                        dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
+                        FOLD_SCALE)
     dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn,
                     skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
-                    dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
-    dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd,
-                    svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p,
-                    seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP)
+                    dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
+                    FOLD_SCALE)
+    if EDGES or MASK_KIND != MASK_NONE:
+        dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn,
+                        skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
+                        dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
+                        FOLD_SCALE)
 
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,

@@ -82,6 +82,21 @@ def test_edge_tiles(blocks, device):
     assert_passes(evaluate(case, inputs, out))
 
 
+@pytest.mark.parametrize("case, blocks", [
+    (Case(seqlen_q=1, seqlen_k=32, head_dim=16, dtype="float32", scale=1.0), (64, 32)),
+    (Case(seqlen_q=1, seqlen_k=32, head_dim=16, scale=1.0, dropout_p=0.1, seed=4), (128, 32)),
+    (Case(seqlen_q=3, seqlen_k=64, causal_alignment="bottom_right", dtype="bfloat16"), (128, 64)),
+], ids=["fp32-64x32", "fp16-dropout-128x32", "bf16-bottom-right-128x64"])
+def test_query_tiles_longer_than_the_keys(case, blocks, device):
+    """No window, Nk a multiple of the key tile, and a query tile longer than the keys (the GPU's
+    64- and 128-row tiles on short sequences). Every block is then interior, and the kernels skip
+    the edge loops; the GPU's release profile found the forward and dQ doing no work at all there
+    (O = 0), since the block split counts the tile's rows past Nq against the window."""
+    inputs = case.inputs(device)
+    out = Bundled(blocks=blocks).run(case, inputs)
+    assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
+
+
 def test_tf32_is_opt_in(device):
     """float32 dots are IEEE by default; asking for tf32 is judged against tf32's unit roundoff."""
     case = Case(seqlen_q=40, seqlen_k=40, dtype="float32")
@@ -232,7 +247,7 @@ def _block_ranges_kernel(OUT, NQ, nk, shift, left, right, BLOCK_M: tl.constexpr,
                          KEYS: tl.constexpr):
     pid = tl.program_id(0)
     if KEYS:
-        lo, mid_lo, mid_hi, hi = tk._key_blocks(pid * BLOCK_M, nk, shift, left, right, BLOCK_M, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = tk._key_blocks(pid * BLOCK_M, nk, shift, left, right, NQ, BLOCK_M, BLOCK_N)
     else:
         lo, mid_lo, mid_hi, hi = tk._query_blocks(pid * BLOCK_N, nk, shift, left, right, NQ, BLOCK_M, BLOCK_N)
     tl.store(OUT + pid * 4 + 0, lo)
@@ -246,13 +261,22 @@ def test_loop_split_visits_every_allowed_block_and_masks_only_edges(device):
     score of an interior block must be allowed, and every block holding an allowed score must be
     visited. Checked by brute force against the masking rule for random shapes and windows."""
     rng = np.random.default_rng(0)
+    drawn = []
     for _ in range(120):
         nq, big_nk = (int(x) for x in rng.integers(1, 90, 2))
         nk = int(rng.integers(0, big_nk + 1))
         shift = nk - nq if rng.random() < 0.5 else 0      # bottom-right or top-left alignment
         unbounded = nq + big_nk + 1
         left, right = (int(rng.choice([0, 1, 5, 17, unbounded])) for _ in range(2))
-        bm, bn = (int(rng.choice([16, 32])) for _ in range(2))
+        bm, bn = (int(rng.choice([16, 32, 64, 128])) for _ in range(2))   # the interpreter's tiles and the GPU's
+        drawn.append((nq, big_nk, nk, shift, left, right, bm, bn))
+    # no window, every key valid, Nk a multiple of the key tile, query tiles longer than the keys
+    for nq, nk, bm, bn, bottom_right in [(1, 32, 64, 32, False), (1, 32, 128, 32, True), (3, 64, 128, 64, False),
+                                         (5, 64, 128, 64, True), (130, 64, 128, 32, True)]:
+        unbounded = nq + nk + 1
+        drawn.append((nq, nk, nk, nk - nq if bottom_right else 0, unbounded, unbounded, bm, bn))
+    for nq, big_nk, nk, shift, left, right, bm, bn in drawn:
+        unbounded = nq + big_nk + 1
         i = np.arange(nq)[:, None]
         j = np.arange(nk)[None, :]
         allowed = np.zeros((nq, big_nk), bool)
@@ -278,6 +302,9 @@ def test_loop_split_visits_every_allowed_block_and_masks_only_edges(device):
                         full = tile.shape[1] == inner and tile.all()
                         assert full, f"{where}: interior block {start} has disallowed scores"
                 assert not (set(range(mid_lo, mid_hi, inner)) & set(range(lo, mid_lo, inner))), where
+                if keys and left == right == unbounded and nk == big_nk and nk % bn == 0:
+                    # nothing to mask (attention._edges is False): the forward and dQ compile no edge loops
+                    assert (mid_lo, mid_hi) == (lo, hi), f"{where}: edge blocks where nothing needs masking"
 
 
 def test_launch_falls_back_to_fewer_stages_where_shared_memory_runs_out(monkeypatch):
@@ -315,7 +342,7 @@ def test_stages_do_not_change_results(monkeypatch, device):
     x = case.inputs(device)
     kw = dict(causal=True, attn_mask=x.attn_mask, dropout_p=0.2, seed=5)
     tuned = _grads(x.q, x.k, x.v, x.do, **kw)
-    config = a.default_config(128, x.q.dtype, masked=True, device=x.q.device)
+    config = a.default_config(128, x.q.dtype, masked=True, device=x.q.device, seqlen=300)
     assert max(t.num_stages for t in (config.fwd, config.dkdv, config.dq)) > 1
     one_stage = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, 1)
                                  for t in (config.fwd, config.dkdv, config.dq)))
@@ -331,7 +358,16 @@ def test_tile_table_of_each_gpu_parses():
     assert slugs, "no tile table committed"
     for slug in slugs:
         table = a.tuned_tiles(slug)
-        assert table and all(isinstance(c, a.LaunchConfig) for c in table.values()), slug
+        assert table and all(by_n and all(isinstance(c, a.LaunchConfig) for c in by_n.values())
+                             for by_n in table.values()), slug
+
+
+@pytest.mark.parametrize("seqlen, tuned", [(1, 1024), (300, 1024), (2048, 1024), (2049, 4096), (8192, 4096),
+                                           (9000, 16384), (10**6, 16384)])
+def test_tiles_of_the_nearest_tuned_length(seqlen, tuned):
+    """A problem takes the tiles tuned at the sequence length nearest its own, on a log scale."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    assert a.nearest_tuned({16384: None, 1024: None, 4096: None}, seqlen) == tuned
 
 
 def test_tile_table_of_another_schema_is_a_clear_error(tmp_path, monkeypatch):
