@@ -1,7 +1,7 @@
 """Golden results: errors and memory scaling a release must not regress.
 
-One JSON file per platform in ``golden/`` (``cpu-interpreter.json``, ``nvidia-h100-80gb-hbm3.json``,
-...), keyed by implementation, then by case (errors) or by pass (memory). Schema
+One JSON file per platform in ``golden/`` (``cpu-interpreter-avx2.json``, ``nvidia-h100-80gb-hbm3.json``,
+...; see platform_name), keyed by implementation, then by case (errors) or by pass (memory). Schema
 ``flashverify.golden/1``. Written only by ``flashverify golden update``, which prints the diff;
 ``flashverify golden check`` is the gate.
 
@@ -44,10 +44,15 @@ def golden_dir() -> str:
 
 
 def platform_name(device) -> str:
-    """'cpu-interpreter' or the GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3')."""
+    """Where golden errors reproduce bit for bit: the GPU model as a file-name slug
+    ('nvidia-h100-80gb-hbm3'), or the interpreter and the CPU's vector width
+    ('cpu-interpreter-avx2'). Why the width: numpy (the interpreter's sums and dots) and torch
+    (the references) reduce in another order with wider vectors, so the same kernel measures
+    other errors (an AVX2 machine moved 5 of 560 metrics by 11-24 % against a file measured on
+    a CPU whose width was not recorded)."""
     import torch
     if torch.device(device).type != "cuda":
-        return "cpu-interpreter"
+        return f"cpu-interpreter-{torch.backends.cpu.get_cpu_capability().lower()}"
     from flashverify.kernels.attention import device_slug
     return device_slug(device)
 
@@ -177,13 +182,15 @@ def memory_entry(impl, device) -> dict:
 def environment(device) -> dict:
     import platform
 
+    import numpy as np
     import torch
     import triton
 
     from . import __version__
     return {"flashverify": __version__, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if device_kind(device) == "cuda" else "cpu (Triton interpreter)"}
+            "device": torch.cuda.get_device_name() if device_kind(device) == "cuda" else
+            f"cpu (Triton interpreter, {torch.backends.cpu.get_cpu_capability()})", "numpy": np.__version__}
 
 
 def source_fingerprint() -> str:
