@@ -3,6 +3,7 @@
 # to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
 #   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT
 #   profile  host vs GPU time of single calls (benchmarks/profile_call.py)
+#   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (about 2 min): after a launch or tile change
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
@@ -24,6 +25,8 @@ for step in "$@"; do
     tune)
       timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
+    ab)
+      timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     profile)
       timeout 150 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)
@@ -68,7 +71,7 @@ for step in "$@"; do
         --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
       tail -3 "$OUT/bench-$dt.log"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile ab tests tests-kernel golden gate report" \
          "props-release-1 props-release-2 props-release-3 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _inputs   # the speed grid's implementations and inputs
+from test_speed import IMPLS, TOKENS, _inputs, gradients   # the speed grid's implementations, inputs, backward
 
 PROFILED = ("flashverify", "sdpa-cudnn")
 
@@ -52,7 +52,7 @@ def profile(d, n, causal):
                 fn(q, k, v, causal)
 
         def bwd():
-            o.backward(do, retain_graph=True)
+            gradients(o, (q, k, v), do)
         for direction, call in (("fwd", fwd), ("bwd", bwd)):
             call()
             torch.cuda.synchronize()

@@ -1,0 +1,122 @@
+"""The bundled kernel against another version of it, timed in one process (GPU), or compared
+for equal results only (--check, also on the CPU interpreter).
+
+Why: between two machines of one GPU model the same kernel's time moves by up to 6 % (H100,
+sessions 5-6), more than many changes gain; only both versions in one process tell a change
+from the machine. The other version is a copy of kernels/ (attention.py, triton_kernels.py,
+tiles/), e.g. HEAD's:
+
+    mkdir -p ab/base && git archive HEAD kernels | tar -x --strip-components=1 -C ab/base
+    python benchmarks/ab_kernel.py ab/base        # fp16 grid: D 64/128, dense/causal, N 1K/4K/16K
+    python benchmarks/ab_kernel.py ab/base --check --n 96   # results only
+
+Both versions take their tile tables from their own tiles/ (the fixed tiles where it has none
+for this GPU). Prints new/base time per config and the largest normwise difference of O, dQ,
+dK, dV (0 when the change must leave results bitwise unchanged).
+"""
+
+import argparse
+import importlib
+import importlib.util
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import torch
+
+H = 16
+DS, CAUSAL, NS, TOKENS = (64, 128), (False, True), (1024, 4096, 16384), 32768
+
+
+def _load(base_dir):
+    """The other version as package `ab_base` (its attention.py imports `.triton_kernels`)."""
+    if "ab_base" in sys.modules:
+        return sys.modules["ab_base.attention"]
+    path = os.path.abspath(base_dir)
+    for name in ("attention.py", "triton_kernels.py"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"base {base_dir!r} has no {name}: give a copy of kernels/ (see --help)")
+    init = os.path.join(path, "__init__.py")
+    spec = importlib.util.spec_from_file_location("ab_base", init if os.path.exists(init) else None,
+                                                  submodule_search_locations=[path])
+    sys.modules["ab_base"] = importlib.util.module_from_spec(spec)
+    return importlib.import_module("ab_base.attention")
+
+
+def _versions(base_dir):
+    new = importlib.import_module("flashverify.kernels.attention")   # first: it picks the interpreter without CUDA
+    return {"base": _load(base_dir), "new": new}
+
+
+def _inputs(b, n, d, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(b, H, n, d, device=device, dtype=torch.float16, generator=g) for _ in range(4)]
+
+
+def _problem(a, q, k, v, causal):
+    return a._check(q, k, v, causal, "top_left", None, None, None, None, 0.0, None, False, None)
+
+
+def _outputs(a, q, k, v, do, causal):
+    pb = _problem(a, q, k, v, causal)
+    o, _, stats = a._forward(q, k, v, pb)
+    return pb, (o, stats), [o, *a._backward(q, k, v, o, stats, do, pb)]
+
+
+def _warm(job):
+    """Worker: compile one version's kernels for one config (Triton's disk cache keeps them)."""
+    base_dir, name, d, causal = job
+    q, k, v, do = _inputs(1, 256, d, "cuda")
+    _outputs(_versions(base_dir)[name], q, k, v, do, causal)
+    torch.cuda.synchronize()
+
+
+def _difference(xs, ys):
+    return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(xs, ys))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", help="a copy of kernels/ holding the other version")
+    ap.add_argument("--check", action="store_true", help="compare results only, no timing (works on the CPU)")
+    ap.add_argument("--n", type=int, nargs="+", default=None, help=f"sequence lengths (default {NS}; --check: 96)")
+    args = ap.parse_args(argv)
+    ns = args.n or ((96,) if args.check else NS)
+    if any(n < 1 for n in ns):
+        ap.error(f"--n: sequence lengths must be >= 1, got {ns}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.check and device == "cpu":
+        ap.error("timing needs a GPU; on the CPU use --check")
+    versions = _versions(args.base)
+    if not args.check:
+        start = time.time()
+        jobs = [(args.base, name, d, c) for name in versions for d in DS for c in CAUSAL]
+        with mp.get_context("spawn").Pool(min(14, os.cpu_count() or 1)) as pool:
+            list(pool.imap_unordered(_warm, jobs))
+        print(f"compiled in {time.time() - start:.0f} s", flush=True)
+        from triton.testing import do_bench
+    worst = 0.0
+    for d in DS:
+        for causal in CAUSAL:
+            for n in ns:
+                q, k, v, do = _inputs(max(1, TOKENS // n) if not args.check else 1, n, d, device)
+                runs = {name: _outputs(a, q, k, v, do, causal) for name, a in versions.items()}
+                diff = _difference(runs["new"][2], runs["base"][2])
+                worst = max(worst, diff)
+                line = f"D{d} {'causal' if causal else 'dense '} N{n:6d}: max normwise difference {diff:.1e}"
+                if not args.check:
+                    ms = {}
+                    for name, a in versions.items():
+                        pb, (o, stats), _ = runs[name]
+                        ms[name, "fwd"] = do_bench(lambda: a._forward(q, k, v, pb), warmup=5, rep=30)
+                        ms[name, "bwd"] = do_bench(lambda: a._backward(q, k, v, o, stats, do, pb), warmup=5, rep=30)
+                    line += "".join(f"; {s} base {ms['base', s]:.3f} new {ms['new', s]:.3f} ms "
+                                    f"({ms['new', s] / ms['base', s]:.3f})" for s in ("fwd", "bwd"))
+                print(line, flush=True)
+    print(f"largest difference {worst:.1e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
