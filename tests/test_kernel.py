@@ -73,6 +73,18 @@ def test_matches_float64_oracle(case, device):
     assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
 
 
+@pytest.mark.parametrize("blocks", [(128, 64), (64, 128)], ids=["128x64", "64x128"])
+@pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
+def test_matches_float64_oracle_with_the_gpus_tiles(case, blocks, device):
+    """The same cases on the GPU's largest tiles, where most of them fit in one or two tiles with
+    rows and keys past the sequence's end: the interpreter's default 32x32 tiles run many blocks
+    but rarely that, which the GPU's property suite found broken once (the case itself is
+    test_query_tiles_longer_than_the_keys: Nk a multiple of the key tile, which none of these has)."""
+    inputs = case.inputs(device)
+    out = Bundled(blocks=blocks).run(case, inputs)
+    assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
+
+
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
 def test_edge_tiles(blocks, device):
     """Lengths that are not multiples of either block, with masking crossing tile borders."""
