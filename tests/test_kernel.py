@@ -66,22 +66,15 @@ def assert_passes(checks):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("blocks", [None, (128, 64), (64, 128)], ids=["default-tiles", "128x64", "64x128"])
 @pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
-def test_matches_float64_oracle(case, device):
+def test_matches_float64_oracle(case, blocks, device):
+    """Each feature on the platform's tiles, and on the GPU's largest, where most cases fit in one
+    or two tiles with rows and keys past the sequence's end: the interpreter's 32x32 tiles run
+    many blocks but rarely that, which the GPU's property suite once found broken (that case:
+    test_query_tiles_longer_than_the_keys, Nk a multiple of the key tile, which none of these has)."""
     inputs = case.inputs(device)
-    out = BUNDLED.run(case, inputs)
-    assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
-
-
-@pytest.mark.parametrize("blocks", [(128, 64), (64, 128)], ids=["128x64", "64x128"])
-@pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
-def test_matches_float64_oracle_with_the_gpus_tiles(case, blocks, device):
-    """The same cases on the GPU's largest tiles, where most of them fit in one or two tiles with
-    rows and keys past the sequence's end: the interpreter's default 32x32 tiles run many blocks
-    but rarely that, which the GPU's property suite found broken once (the case itself is
-    test_query_tiles_longer_than_the_keys: Nk a multiple of the key tile, which none of these has)."""
-    inputs = case.inputs(device)
-    out = Bundled(blocks=blocks).run(case, inputs)
+    out = (Bundled(blocks=blocks) if blocks else BUNDLED).run(case, inputs)
     assert_passes(evaluate(case, inputs, out, keep=BUNDLED.keep_mask(case, device)))
 
 
@@ -102,7 +95,7 @@ def test_edge_tiles(blocks, device):
 def test_query_tiles_longer_than_the_keys(case, blocks, device):
     """No window, Nk a multiple of the key tile, and a query tile longer than the keys (the GPU's
     64- and 128-row tiles on short sequences). Every block is then interior, and the kernels skip
-    the edge loops; the GPU's release profile found the forward and dQ doing no work at all there
+    the edge loops; the GPU's thorough profile found the forward and dQ doing no work at all there
     (O = 0), since the block split counts the tile's rows past Nq against the window."""
     inputs = case.inputs(device)
     out = Bundled(blocks=blocks).run(case, inputs)
