@@ -5,7 +5,9 @@
 #   profile  host vs GPU time of single calls (benchmarks/profile_call.py)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
-#   tests-kernel  tests/test_kernel.py alone on the GPU (about 2 min): after a launch or tile change
+#   tests-kernel  tests/test_kernel.py alone on the GPU (about 5 min: 118 tests, 295 s on an H200)
+#   props-thorough  the thorough profile on the bundled kernel, 8 shards on 16 workers, cut at 455 s
+#            (H200: 121 of its 128 tests finish): the check of a kernel change that fits one call
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second
@@ -33,8 +35,8 @@ for step in "$@"; do
       # less the committed-golden test, which is the gate step's check (one worker here: 473 s of 540)
       timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests \
         --deselect tests/test_golden.py::test_committed_golden_for_this_platform_holds 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" ;;
-    tests-kernel)   # the kernel's own tests alone (about 2 min): after a launch or tile change
-      timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short tests/test_kernel.py 2>&1 \
+    tests-kernel)   # the kernel's own tests alone (about 5 min): after a launch or tile change
+      timeout -s INT 420 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short tests/test_kernel.py 2>&1 \
         | tee "$OUT/tests-kernel.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
     golden)
       timeout -s INT 240 flashverify golden update --jobs 14 2>&1 | tee "$OUT/golden.log" | grep -v "errors \["
@@ -58,6 +60,10 @@ for step in "$@"; do
         --attn-profile release --attn-shards 12 -k "$k" --attn-report "$OUT/props-release-$q.json" \
         --durations=20 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;
+    props-thorough)
+      timeout -s INT 455 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
+        --attn-profile thorough --attn-shards 8 --attn-report "$OUT/props-thorough.json" 2>&1 \
+        | tee "$OUT/props-thorough.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;
     props-torch)
       timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider -n 14 --pyargs flashverify.properties --attn-profile ci \
         --attn-impl sdpa-flash --attn-impl sdpa-efficient --attn-impl sdpa-cudnn --attn-impl sdpa-math \
@@ -72,7 +78,7 @@ for step in "$@"; do
       tail -3 "$OUT/bench-$dt.log"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
     *) echo "unknown step $step; the steps: tune profile ab tests tests-kernel golden gate report" \
-         "props-release-1 props-release-2 props-release-3 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
+         "props-release-1 props-release-2 props-release-3 props-thorough props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
 done

@@ -1,10 +1,11 @@
 """Where one call's time goes (GPU only): host time, GPU time and the kernels of one forward and
-one backward, for the bundled kernel and SDPA's cuDNN backend, at a few grid shapes.
+one backward, for the bundled kernel, SDPA's cuDNN backend and FlexAttention, at a few grid shapes.
 
 Why: test_speed.py times a call plus a synchronize, as a user sees it; at small N that time is
 far above the kernels' own (tune.py, do_bench). This separates the host's share from the GPU's.
 
 Run: python benchmarks/profile_call.py [D N causal ...]   (default: 64 1024 0  128 1024 0  128 16384 0)
+FlexAttention compiles first, in parallel processes (test_speed._compile_one), as in the speed grid.
 """
 
 import statistics
@@ -13,9 +14,9 @@ import time
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _inputs, gradients   # the speed grid's implementations, inputs, backward
+from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's implementations, inputs
 
-PROFILED = ("flashverify", "sdpa-cudnn")
+PROFILED = ("flashverify", "sdpa-cudnn", "flex")
 
 
 def _step_ms(fn, rounds=20):
@@ -64,7 +65,23 @@ def profile(d, n, causal):
                 for _ in range(3):
                     call()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        if name == "flashverify":   # the kernel's own backward, without autograd's engine around it
+            _direct_backward(q, k, v, do, causal)
+
+
+def _direct_backward(q, k, v, do, causal):
+    import importlib
+    from triton.testing import do_bench
+    a = importlib.import_module("flashverify.kernels.attention")
+    pb = a._check(q, k, v, causal, "top_left", None, None, None, None, 0.0, None, False, None)
+    o, _, stats = a._forward(q, k, v, pb)
+
+    def call():
+        a._backward(q, k, v, o, stats, do, pb)
+    call()
+    print(f"{'_backward':12s} bwd direct: call+sync {_step_ms(call):.3f} ms, back-to-back"
+          f" {do_bench(call, warmup=5, rep=30):.3f} ms, host {_host_us(call):.0f} us/call", flush=True)
 
 
 if __name__ == "__main__":
@@ -73,5 +90,11 @@ if __name__ == "__main__":
     if len(sys.argv) % 3 != 1 or not all(x.isdigit() for x in sys.argv[1:]):
         sys.exit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
     args = [int(x) for x in sys.argv[1:]] or [64, 1024, 0, 128, 1024, 0, 128, 16384, 0]
-    for i in range(0, len(args), 3):
-        profile(args[i], args[i + 1], bool(args[i + 2]))
+    shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
+        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
+            if problem:
+                print(problem)
+    for shape in shapes:
+        profile(*shape)

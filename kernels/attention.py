@@ -7,6 +7,7 @@ a crash inside a kernel or a silently wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -353,7 +354,22 @@ def _forward(q, k, v, pb: _Problem):
     return o, lse, stats
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device):
+    """A second CUDA stream per device, for the dQ kernel (see _backward)."""
+    return torch.cuda.Stream(device)
+
+
 def _backward(q, k, v, o, stats, do, pb: _Problem):
+    """dQ, dK, dV: the delta kernel, then the dK/dV and dQ kernels, independent of each other.
+
+    On a GPU the dQ kernel runs on a second stream, beside dK/dV: each kernel alone ends in a
+    partial wave of programs (the speed grid's 4,096 programs are 31.03 waves of one per SM on an
+    H200) while the other's programs wait; on two streams the dQ kernel's programs fill the SMs
+    that the dK/dV kernel's last wave leaves idle. Both only read what the delta kernel and the
+    forward wrote, and write separate tensors, so the results are bitwise those of one stream.
+    The side stream waits for the caller's stream before dQ and the caller's waits for it after,
+    so the tensors are used and freed in the caller's stream order (no record_stream needed)."""
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     flags = _flags(pb, D)
@@ -366,6 +382,10 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     mask, keylen, ms = _mask_args(pb, q)
     common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
               _logl_offset(B * H * nq))
+    on_gpu = q.device.type == "cuda"
+    if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
+        caller, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(caller)
     t = pb.config.dkdv
     _launch(
         tk._bwd_dkdv_kernel, (triton.cdiv(nk, t.block_n), B * Hkv), t,
@@ -373,12 +393,15 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
         EDGES=_edges(pb, nk), **flags)
-    t = pb.config.dq
-    _launch(
-        tk._bwd_dq_kernel, (triton.cdiv(nq, t.block_m), B * H), t,
-        q, k, v, do, stats, delta, dq, mask, keylen,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
-        H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
+    with torch.cuda.stream(side) if on_gpu else contextlib.nullcontext():
+        t = pb.config.dq
+        _launch(
+            tk._bwd_dq_kernel, (triton.cdiv(nq, t.block_m), B * H), t,
+            q, k, v, do, stats, delta, dq, mask, keylen,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+            H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
+    if on_gpu:
+        caller.wait_stream(side)
     return dq, dk, dv
 
 
@@ -389,6 +412,7 @@ class _FlashAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, stats)
         ctx.pb = pb
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)   # LSE is non-differentiable: no zeros tensor (and kernel) for its gradient
         return o, lse
 
     @staticmethod

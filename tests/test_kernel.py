@@ -356,6 +356,24 @@ def test_stages_do_not_change_results(monkeypatch, device):
         assert torch.equal(first, again)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams exist on a GPU only")
+def test_backward_on_two_streams_is_the_one_stream_backward(monkeypatch, device):
+    """dQ runs on a side stream beside dK/dV (attention._backward): its results must be bitwise those
+    of both kernels on one stream, also when the caller works on a stream of its own (a side stream
+    that did not wait for the caller's would read the delta kernel's output before it is written)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    x = Case(batch=4, heads_q=8, heads_kv=8, seqlen_q=2048, seqlen_k=2048, head_dim=64).inputs(device)
+    user = torch.cuda.Stream(device)
+    user.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(user):
+        two_streams = _grads(x.q, x.k, x.v, x.do, causal=True)
+    torch.cuda.current_stream(device).wait_stream(user)
+    monkeypatch.setattr(a, "_side_stream", lambda dev: torch.cuda.current_stream(dev))
+    one_stream = _grads(x.q, x.k, x.v, x.do, causal=True)
+    for name, first, again in zip(("O", "dQ", "dK", "dV"), two_streams, one_stream):
+        assert torch.equal(first, again), f"{name} differs between two streams and one"
+
+
 def test_tile_table_of_each_gpu_parses():
     """Every committed tile table (benchmarks/tune.py) has the schema and all three kernels."""
     a = importlib.import_module("flashverify.kernels.attention")   # the package re-exports a function by that name
