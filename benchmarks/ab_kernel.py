@@ -14,7 +14,7 @@ Both versions take their tile tables from their own tiles/ (the fixed tiles wher
 for this GPU). Prints new/base time per config and the largest normwise difference of O, dQ,
 dK, dV (0 when the change must leave results bitwise unchanged). Each version is timed ROUNDS
 times per config, the two taking turns at going first: timed once each, base then new, identical
-forwards came out 1-14 % apart, new always the slower (H200, session 10).
+forwards came out 0.995-1.14 of each other, new the slower in 11 of 12 configs (H200, session 10).
 """
 
 import argparse
