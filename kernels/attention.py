@@ -373,9 +373,9 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     flags = _flags(pb, D)
+    # Everything but the launches first: the delta kernel is short (70 us at D=128 on an H200), and
+    # host work between it and dK/dV's launch would leave the GPU idle.
     delta = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
-    tk._bwd_delta_kernel[(triton.cdiv(nq, 64), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -383,8 +383,11 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     common = (H // Hkv, nq, nk, D, pb.score_scale, pb.scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed,
               _logl_offset(B * H * nq))
     on_gpu = q.device.type == "cuda"
-    if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
+    if on_gpu:
         caller, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    tk._bwd_delta_kernel[(triton.cdiv(nq, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
         side.wait_stream(caller)
     t = pb.config.dkdv
     _launch(
@@ -405,6 +408,15 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     return dq, dk, dv
 
 
+def _on_device_of(t):
+    """Triton launches on the *current* CUDA device and stream: make that the tensors' device, so
+    that tensors on cuda:1 while cuda:0 is current run on cuda:1 (not read across devices or fault)."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()   # the usual case, at no more host time than this test
+    return torch.cuda.device(device)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pb):
@@ -418,7 +430,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, stats = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, stats, do, ctx.pb)
+        with _on_device_of(q):
+            dq, dk, dv = _backward(q, k, v, o, stats, do, ctx.pb)
         return dq, dk, dv, None
 
 
@@ -459,10 +472,11 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None
     pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
                 dropout_p, seed, allow_tf32, blocks)
     q, k, v = (_with_unit_last_stride(t) for t in (q, k, v))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _FlashAttention.apply(q, k, v, pb)
-    else:   # no graph to record: skip autograd's bookkeeping (host time counts at small N)
-        o, lse, _ = _forward(q, k, v, pb)
+    with _on_device_of(q):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            o, lse = _FlashAttention.apply(q, k, v, pb)
+        else:   # no graph to record: skip autograd's bookkeeping (host time counts at small N)
+            o, lse, _ = _forward(q, k, v, pb)
     return (o, lse) if return_lse else o
 
 

@@ -374,6 +374,23 @@ def test_backward_on_two_streams_is_the_one_stream_backward(monkeypatch, device)
         assert torch.equal(first, again), f"{name} differs between two streams and one"
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; the kernel must switch to its tensors' (cuda:1 while
+    cuda:0 is current) and give what it gives when cuda:1 is current, forward, backward, dropout mask."""
+    x = Case(heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=200, head_dim=64).inputs("cuda:1")
+    kw = dict(causal=True, dropout_p=0.2, seed=7)
+    with torch.cuda.device(0):
+        elsewhere = _grads(x.q, x.k, x.v, x.do, **kw)
+        mask_elsewhere = dropout_mask(7, (1, 4, 300, 200), 0.2, device="cuda:1")
+    with torch.cuda.device(1):
+        here = _grads(x.q, x.k, x.v, x.do, **kw)
+        mask_here = dropout_mask(7, (1, 4, 300, 200), 0.2, device="cuda:1")
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), elsewhere, here):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b), name
+    assert torch.equal(mask_elsewhere, mask_here)
+
+
 def test_tile_table_of_each_gpu_parses():
     """Every committed tile table (benchmarks/tune.py) has the schema and all three kernels."""
     a = importlib.import_module("flashverify.kernels.attention")   # the package re-exports a function by that name
