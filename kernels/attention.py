@@ -342,7 +342,8 @@ def _forward(q, k, v, pb: _Problem):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
     logl_at = _logl_offset(B * H * nq)
-    stats = torch.empty(logl_at + B * H * nq, device=q.device, dtype=torch.float32)   # row max, log l
+    # row max and log l (float32), max + log l (16-bit): triton_kernels._row_stats
+    stats = torch.empty((logl_at if pb.precise_exp else 0) + B * H * nq, device=q.device, dtype=torch.float32)
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (triton.cdiv(nq, t.block_m), B * H)
@@ -493,7 +494,8 @@ def dropout_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tens
     run_on = torch.device("cuda") if (device.type == "cpu" and not interpreting()) else device
     out = torch.empty(shape, dtype=torch.uint8, device=run_on)
     grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), B * H)
-    tk._dropout_mask_kernel[grid](out, seed, float(dropout_p), H, nq, nk, BLOCK_M=32, BLOCK_N=32)
+    with _on_device_of(out):
+        tk._dropout_mask_kernel[grid](out, seed, float(dropout_p), H, nq, nk, BLOCK_M=32, BLOCK_N=32)
     return out.bool().to(device)
 
 

@@ -355,9 +355,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # Row statistics for the backward in score units: the max m and log l separately. P is
-    # recomputed as exp((s - m) - log l): s - m is exact near the max, and log l is small, so
-    # P keeps ~1 ulp. Recomputing from the LSE alone (exp(s - lse)) would cost |lse| ulps.
+    # Row statistics for the backward in score units (0 on empty rows), read by _row_stats.
     m_store = tl.where(empty, 0.0, m_i)
     if PRECISE_EXP:
         logl = _log(tl.where(empty, 1.0, l_i), PRECISE_EXP)
@@ -369,8 +367,11 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              _cast(o, O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
-    tl.store(STATS + bh * NQ + offs_m, m_store, mask=row_ok)
-    tl.store(STATS + STATS_LOGL + bh * NQ + offs_m, logl, mask=row_ok)
+    if PRECISE_EXP:
+        tl.store(STATS + bh * NQ + offs_m, m_store, mask=row_ok)
+        tl.store(STATS + STATS_LOGL + bh * NQ + offs_m, logl, mask=row_ok)
+    else:
+        tl.store(STATS + bh * NQ + offs_m, tl.where(empty, 0.0, m_i + logl), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["H", "NQ"])   # a light kernel: not worth a compile per sequence length
@@ -391,6 +392,26 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N
 
 
 @triton.jit
+def _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, CHECK_ROWS: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """The forward's row statistics, from which the backward recomputes P = exp(s - m - log l).
+
+    float32 (PRECISE_EXP): the max m and log l apart, P = exp((s - m) - log l): s - m is exact
+    near the max and log l is small, so P keeps ~1 float32 ulp, where exp(s - (m + log l)) would
+    cost up to |m + log l| ulps. 16-bit inputs: m + log l in one vector (log l returned as 0, and
+    _bwd_probs does not subtract it). Its rounding, about |LSE| float32 ulps of P, is within the
+    error model's LSE term (verify/bounds.py) and, at |LSE| = 10, 800 (fp16) to 6,500 (bf16) times
+    below P's own rounding to 16 bits; with one per-row vector fewer in its loops the backward ran
+    3-11 % faster (H200, session 11, docs/performance.md).
+    """
+    row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
+    if PRECISE_EXP:
+        row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, CHECK_ROWS)
+    else:
+        row_logl = tl.zeros_like(row_max)
+    return row_max, row_logl
+
+
+@triton.jit
 def _bwd_probs(s2, c, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DROPOUT: tl.constexpr,
                PRECISE_EXP: tl.constexpr):
     """From masked scores s2 of one tile (in score units once multiplied by c, see _exponent_scale):
@@ -400,7 +421,10 @@ def _bwd_probs(s2, c, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DR
     Orientation-free: qi/kj, row_max and row_logl come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
-    p = _exp((s2 * c - row_max) - row_logl, PRECISE_EXP)
+    if PRECISE_EXP:
+        p = _exp((s2 * c - row_max) - row_logl, PRECISE_EXP)
+    else:   # row_max holds m + log l (see _row_stats)
+        p = _exp(s2 * c - row_max, PRECISE_EXP)
     p_drop = p
     keep = p   # unused without dropout
     if DROPOUT:
@@ -451,8 +475,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
                          offs_d[:, None] < D, CHECK_ROWS, EVEN_D)                    # [D, M]
-        row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
-        row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, CHECK_ROWS)
+        row_max, row_logl = _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, CHECK_ROWS, PRECISE_EXP)
         s2_t = _masked_scores(_dot(k, q_t, DOT_PRECISION), offs_m[None, :], offs_n[:, None], nk, shift, win_left,
                               win_right, mask_base, smm, smn, NQ, NK, qk_scale, False, MASK_KIND, PRECISE_EXP,
                               FOLD_SCALE)                                                 # [N, M]
@@ -563,8 +586,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                  mask=m_ok, other=0.0)
-    row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, True)
-    row_logl = _load_rows(STATS + STATS_LOGL + bh * NQ, offs_m, NQ, True)
+    row_max, row_logl = _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, True, PRECISE_EXP)
     delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, True)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
