@@ -9,6 +9,7 @@ tiles/), e.g. HEAD's:
     mkdir -p ab/base && git archive HEAD kernels | tar -x --strip-components=1 -C ab/base
     python benchmarks/ab_kernel.py ab/base        # fp16 grid: D 64/128, dense/causal, N 1K/4K/16K
     python benchmarks/ab_kernel.py ab/base --check --n 96   # results only
+    python benchmarks/ab_kernel.py ab/base --call-sync      # as the speed grid times: host time included
 
 Both versions take their tile tables from their own tiles/ (the fixed tiles where it has none
 for this GPU). Prints new/base time per config and the largest normwise difference of O, dQ,
@@ -81,10 +82,40 @@ def _difference(xs, ys):
                for x, y in zip(xs, ys))
 
 
+def _calls(a, run, q, k, v, do, causal, call_sync):
+    """The forward and backward to time: the kernels' own entry points, or (call_sync) the public
+    function and autograd, as a user calls them."""
+    pb, (o, stats), _ = run
+    if not call_sync:
+        return (lambda: a._forward(q, k, v, pb)), (lambda: a._backward(q, k, v, o, stats, do, pb))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = a.attention(*leaves, causal=causal)
+
+    def forward():
+        with torch.no_grad():
+            a.attention(q, k, v, causal=causal)
+    return forward, (lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+
+
+def _call_sync_ms(call, warmup_s=0.1, timed_s=0.25):
+    """Median time of call + synchronize, after warmup_s of calls, over at least timed_s of calls."""
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < warmup_s + timed_s or len(times) < 10:
+        t = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        if t - start >= warmup_s:
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base", help="a copy of kernels/ holding the other version")
     ap.add_argument("--check", action="store_true", help="compare results only, no timing (works on the CPU)")
+    ap.add_argument("--call-sync", action="store_true",
+                    help="time calls as the speed grid does (attention() and autograd, each call synchronized), "
+                         "not the kernels back to back: host-side changes show only so")
     ap.add_argument("--n", type=int, nargs="+", default=None, help=f"sequence lengths (default {NS}; --check: 96)")
     args = ap.parse_args(argv)
     ns = args.n or ((96,) if args.check else NS)
@@ -114,11 +145,10 @@ def main(argv=None):
                     times = {}
                     for r in range(ROUNDS):   # the versions take turns at going first (see the docstring)
                         for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
-                            a, (pb, (o, stats), _) = versions[name], runs[name]
-                            times.setdefault((name, "fwd"), []).append(
-                                do_bench(lambda: a._forward(q, k, v, pb), warmup=5, rep=20))
-                            times.setdefault((name, "bwd"), []).append(
-                                do_bench(lambda: a._backward(q, k, v, o, stats, do, pb), warmup=5, rep=20))
+                            calls = _calls(versions[name], runs[name], q, k, v, do, causal, args.call_sync)
+                            for s, call in zip(("fwd", "bwd"), calls):
+                                times.setdefault((name, s), []).append(
+                                    _call_sync_ms(call) if args.call_sync else do_bench(call, warmup=5, rep=20))
                     ms = {key: statistics.median(ts) for key, ts in times.items()}
                     line += "".join(f"; {s} base {ms['base', s]:.3f} new {ms['new', s]:.3f} ms "
                                     f"({ms['new', s] / ms['base', s]:.3f})" for s in ("fwd", "bwd"))

@@ -5,6 +5,7 @@
 #   profile  host vs GPU time of single calls, ours, cuDNN, FlexAttention (benchmarks/profile_call.py;
 #            three shapes took over 200 s on an H200, FlexAttention at 16K unfinished)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
+#   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (about 5 min: 118 tests, 295 s on an H200)
 #   props-thorough  the thorough profile on the bundled kernel, 8 shards on 16 workers, cut at 455 s
@@ -30,6 +31,8 @@ for step in "$@"; do
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
+    ab-call-sync)
+      timeout 240 python3 benchmarks/ab_kernel.py ab/base --call-sync 2>&1 | tee "$OUT/ab-call-sync.log" | tail -13 ;;
     profile)
       timeout 300 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)

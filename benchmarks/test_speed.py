@@ -12,6 +12,9 @@ FLOPs follow FlashAttention-2: forward 4 B H N^2 D (halved when causal), backwar
 GPU name, torch and triton versions are saved in the JSON's machine_info (benchmarks/conftest.py).
 """
 
+import math
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,23 @@ def gradients(o, inputs, do):
     return torch.autograd.grad(o, inputs, do, retain_graph=True)
 
 
+WARMUP_S, TIMED_S, MIN_ROUNDS = 0.3, 0.5, 10
+
+
+def _rounds(step):
+    """(warm-up rounds, timed rounds) lasting WARMUP_S and TIMED_S of calls, at least MIN_ROUNDS
+    timed. Why by time, not count: at N=1K a call takes under 1 ms, so 2 warm-up and 10 timed
+    rounds were 12 ms of calls, after each config's set-up, for ratios that moved between two grid
+    runs by up to 0.44 (H200, docs/performance.md, sessions 10-11)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    once = min(times)
+    return max(2, math.ceil(WARMUP_S / once)), max(MIN_ROUNDS, math.ceil(TIMED_S / once))
+
+
 def flops(b, n, d, causal, direction):
     f = 4.0 * b * H * n * n * d / (2 if causal else 1)
     return f * (2.5 if direction == "bwd" else 1.0)
@@ -107,8 +127,8 @@ def test_speed(benchmark, impl, direction, dtype, d, causal, n):
         def step():
             gradients(o, (q, k, v), do)
             torch.cuda.synchronize()
-    step()
-    benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
+    warmup_rounds, rounds = _rounds(step)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     f = flops(b, n, d, causal, direction)
     benchmark.extra_info.update(impl=impl, direction=direction, d=d, causal=causal, dtype=str(dtype), B=b, H=H,
                                 N=n, flops=f, tflops=f / benchmark.stats["median"] / 1e12)
@@ -130,7 +150,6 @@ if __name__ == "__main__":
     import multiprocessing as mp
     import os
     import sys
-    import time
 
     if not torch.cuda.is_available():
         sys.exit("test_speed.py compiles the grid's kernels for a GPU: no CUDA device here")
