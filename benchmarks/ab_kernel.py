@@ -122,6 +122,8 @@ def main(argv=None):
     if any(n < 1 for n in ns):
         ap.error(f"--n: sequence lengths must be >= 1, got {ns}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.check and args.call_sync:
+        ap.error("--call-sync chooses how calls are timed and --check times nothing: give one of them")
     if not args.check and device == "cpu":
         ap.error("timing needs a GPU; on the CPU use --check")
     versions = _versions(args.base)

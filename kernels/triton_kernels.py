@@ -400,8 +400,8 @@ def _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, CHECK_ROWS: tl.constexpr, PREC
     cost up to |m + log l| ulps. 16-bit inputs: m + log l in one vector (log l returned as 0, and
     _bwd_probs does not subtract it). Its rounding, about |LSE| float32 ulps of P, is within the
     error model's LSE term (verify/bounds.py) and, at |LSE| = 10, 800 (fp16) to 6,500 (bf16) times
-    below P's own rounding to 16 bits; with one per-row vector fewer in its loops the backward ran
-    3-11 % faster (H200, session 11, docs/performance.md).
+    below P's own rounding to 16 bits. One per-row vector fewer in its loops: the backward took
+    0.906-0.999 of the time before (H200 A/B, session 11, docs/performance.md).
     """
     row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
     if PRECISE_EXP:
