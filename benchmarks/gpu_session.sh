@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Device-machine steps (no network there): install, then the named steps. Logs and results go
 # to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
-#   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT
+#   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT (85 s, H200, session 12)
 #   profile  host vs GPU time of single calls, ours, cuDNN, FlexAttention (benchmarks/profile_call.py;
 #            three shapes took over 200 s on an H200, FlexAttention at 16K unfinished)
+#   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
@@ -29,6 +30,8 @@ for step in "$@"; do
     tune)
       timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
+    host-cost)
+      timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host-cost.log" ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
@@ -81,7 +84,7 @@ for step in "$@"; do
         --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
       tail -3 "$OUT/bench-$dt.log"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile ab tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost ab ab-call-sync tests tests-kernel golden gate report" \
          "props-release-1 props-release-2 props-release-3 props-thorough props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

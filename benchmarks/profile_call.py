@@ -40,6 +40,23 @@ def _host_us(fn, calls=50):
     return host
 
 
+def _call_sync_split(fn, rounds=100):
+    """Medians over call + synchronize rounds of: the host's time until the call returns (us), the
+    whole round (ms), and the GPU time of its kernels (ms, torch's profiler, summed per round).
+    Why: the speed grid's call+sync time at N=1K was 0.1-0.3 ms above do_bench's kernel time, and
+    only this split says whether that is host time, kernel time, or neither (the gap between)."""
+    host, total = [], []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t) * 1e6)
+            torch.cuda.synchronize()
+            total.append((time.perf_counter() - t) * 1e3)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / rounds / 1e3   # each kernel once
+    return statistics.median(host), statistics.median(total), kernels
+
+
 def profile(d, n, causal):
     from triton.testing import do_bench
     q, k, v = _inputs(TOKENS // n, n, d, torch.float16)
@@ -60,6 +77,9 @@ def profile(d, n, causal):
             step, host, gpu = _step_ms(call), _host_us(call), do_bench(call, warmup=5, rep=30)
             print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync {step:.3f} ms,"
                   f" back-to-back {gpu:.3f} ms, host {host:.0f} us/call", flush=True)
+            ret, total, kernels = _call_sync_split(call)
+            print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync split: host"
+                  f" {ret:.0f} us until the call returns, round {total:.3f} ms, kernels {kernels:.3f} ms", flush=True)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
