@@ -4,7 +4,9 @@ For each head dim (64, 128) and mask (dense, causal), each kernel (forward, dK/d
 every candidate tile (block_m, block_n, num_warps, num_stages) at N = 1K, 4K, 16K (B = 32K / N,
 H = 16, fp16, the speed grid's shapes). The overall winner has the lowest geometric mean of time
 over the fastest candidate's at each N; at an N where another candidate is more than NOISE faster
-(beyond do_bench's run-to-run spread), that one is taken for that N. The kernel picks the tiles of
+(beyond do_bench's run-to-run spread), that one is taken for that N. A tile of the committed table
+stays unless the choice beats it by more than NOISE (--fresh: ignore the committed table), so a
+re-tune changes only what it measured to be faster (see choose). The kernel picks the tiles of
 the tuned N nearest its problem's (attention.default_config). The table serves fp16 and bf16
 (same tiles, same code path); float32 keeps the fixed tiles. Every timing is kept in the file, so
 the choice can be audited.
@@ -17,7 +19,7 @@ Candidates compile first in parallel worker processes (Triton caches the binarie
 small warm-up problem has the same specialization as the timed ones), then are timed one at a
 time in this process with triton.testing.do_bench.
 
-Run: python benchmarks/tune.py [--out PATH]
+Run: python benchmarks/tune.py [--out PATH] [--fresh]
 """
 
 import argparse
@@ -97,6 +99,36 @@ def _compile(job):
         return job, f"{type(e).__name__}: {str(e)[:160]}"
 
 
+def _tile_name(tile):
+    return "x".join(map(str, tile[:2])) + f"w{tile[2]}s{tile[3]}"
+
+
+def choose(timings, ns, held=None):
+    """{N: candidate name} from timings {name: {"tile": ..., "N<n>": ms}}, also writing each
+    complete candidate's "score" (geometric mean over N of its time over the fastest's).
+
+    The overall winner (lowest score) serves every N, unless another candidate is more than
+    NOISE faster at that N. A held tile (held: {N: name}, the committed table's) stays unless the
+    choice is more than NOISE faster than it: the tiles set the summation order, so every change
+    of tile moves this GPU's golden error figures, and a re-tune should change only what it
+    measured to be faster (session 12 re-tuned 20 of 36 entries, most by less than NOISE).
+    """
+    complete = {nm: r for nm, r in timings.items() if all(f"N{n}" in r for n in ns)}
+    best = {n: min(r[f"N{n}"] for r in complete.values()) for n in ns}
+    for r in complete.values():
+        r["score"] = math.exp(sum(math.log(r[f"N{n}"] / best[n]) for n in ns) / len(ns))
+    overall = min(complete, key=lambda nm: complete[nm]["score"])
+    chosen = {}
+    for n in ns:
+        fastest = min(complete, key=lambda nm: complete[nm][f"N{n}"])
+        pick = fastest if complete[fastest][f"N{n}"] * (1 + NOISE) < complete[overall][f"N{n}"] else overall
+        keep = (held or {}).get(n)
+        if keep in complete and not complete[pick][f"N{n}"] * (1 + NOISE) < complete[keep][f"N{n}"]:
+            pick = keep
+        chosen[n] = pick
+    return chosen
+
+
 def _rel(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
@@ -105,12 +137,16 @@ def main(argv=None):
     from triton.testing import do_bench
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="default: kernels/tiles/<gpu>.json")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore the committed table: every choice by this run's timings alone "
+                             "(default: a committed tile stays unless another is more than NOISE faster)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("tune.py measures a GPU's kernels: no CUDA device here")
     a = _attn()
     slug = a.device_slug("cuda")
     out = args.out or os.path.join(a.TILES_DIR, f"{slug}.json")
+    incumbents = {} if args.fresh else a.tuned_tiles(slug)   # {key: {N: LaunchConfig}}, {} if none
     start = time.time()
 
     jobs = [(d, c, kern, t) for d in HEAD_DIMS for c in (False, True) for kern, ts in CANDIDATES.items() for t in ts]
@@ -131,7 +167,7 @@ def main(argv=None):
                     o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, current[n]))
                     ref = _run(q, k, v, do, causal, kernel, current[n], (o, stats))
                     for tile in CANDIDATES[kernel]:
-                        name = "x".join(map(str, tile[:2])) + f"w{tile[2]}s{tile[3]}"
+                        name = _tile_name(tile)
                         if (d, causal, kernel, tile) in failed:
                             continue
                         config = dataclasses.replace(current[n], **{kernel: a.Tile(*tile)})
@@ -147,23 +183,20 @@ def main(argv=None):
                         ms = do_bench(lambda: _run(q, k, v, do, causal, kernel, config, (o, stats)),
                                       warmup=10, rep=40)
                         per_n.setdefault(name, {"tile": list(tile)})[f"N{n}"] = ms
-                complete = {nm: r for nm, r in per_n.items() if all(f"N{n}" in r for n in NS)}
-                best = {n: min(r[f"N{n}"] for r in complete.values()) for n in NS}
-                for r in complete.values():
-                    r["score"] = math.exp(sum(math.log(r[f"N{n}"] / best[n]) for n in NS) / len(NS))
-                overall = min(complete.values(), key=lambda r: r["score"])
-                for n in NS:
-                    fastest = min(complete.values(), key=lambda r: r[f"N{n}"])
-                    chosen = fastest if fastest[f"N{n}"] * (1 + NOISE) < overall[f"N{n}"] else overall
+                held = {n: _tile_name(dataclasses.astuple(getattr(incumbents[key][n], kernel)))
+                        for n in NS if n in incumbents.get(key, {})}
+                for n, name in choose(per_n, NS, held).items():
+                    chosen = per_n[name]
                     current[n] = dataclasses.replace(current[n], **{kernel: a.Tile(*chosen["tile"])})
-                    print(f"{key} {kernel} N{n}: {chosen['tile']} {chosen[f'N{n}']:.3f} ms", flush=True)
+                    kept = " (the committed tile, within NOISE of the fastest)" if name == held.get(n) else ""
+                    print(f"{key} {kernel} N{n}: {chosen['tile']} {chosen[f'N{n}']:.3f} ms{kept}", flush=True)
                 timings[key][kernel] = dict(sorted(per_n.items(), key=lambda kv: kv[1].get("score", 1e9)))
             tiles[key] = {f"N{n}": {kern: list(dataclasses.astuple(getattr(current[n], kern)))
                                     for kern in ("fwd", "dkdv", "dq")} for n in NS}
 
     table = {"schema": a.TILES_SCHEMA, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
              "triton": __import__("triton").__version__, "tuned_dtype": "float16", "applies_to": ["float16", "bfloat16"],
-             "shapes": {"tokens": TOKENS, "H": H, "N": list(NS)}, "command": "python benchmarks/tune.py",
+             "shapes": {"tokens": TOKENS, "H": H, "N": list(NS)}, "command": "python benchmarks/tune.py" + (" --fresh" if args.fresh else ""),
              "tiles": tiles, "timings_ms": timings, "rejected_as_broken": rejected, "did_not_fit": sorted(
                  f"D{d}-{'masked' if c else 'dense'}/{kern}/{t}: {e}" for (d, c, kern, t), e in failed.items())}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
