@@ -146,7 +146,12 @@ def main(argv=None):
     a = _attn()
     slug = a.device_slug("cuda")
     out = args.out or os.path.join(a.TILES_DIR, f"{slug}.json")
-    incumbents = {} if args.fresh else a.tuned_tiles(slug)   # {key: {N: LaunchConfig}}, {} if none
+    incumbents = {}   # the committed table's tiles, {key: {N: LaunchConfig}}; none: every choice fresh
+    if not args.fresh:
+        try:
+            incumbents = a.tuned_tiles(slug)
+        except ValueError as e:   # an older schema: the table this run writes replaces it
+            print(f"not holding the committed tiles: {e}", flush=True)
     start = time.time()
 
     jobs = [(d, c, kern, t) for d in HEAD_DIMS for c in (False, True) for kern, ts in CANDIDATES.items() for t in ts]
