@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from timing import call_sync_ms
+
 H = 16
 DS, CAUSAL, NS, TOKENS = (64, 128), (False, True), (1024, 4096, 16384), 32768
 ROUNDS = 4   # per version and config, in alternating order; the median is reported
@@ -97,18 +99,6 @@ def _calls(a, run, q, k, v, do, causal, call_sync):
     return forward, (lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
 
 
-def _call_sync_ms(call, warmup_s=0.1, timed_s=0.25):
-    """Median time of call + synchronize, after warmup_s of calls, over at least timed_s of calls."""
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < warmup_s + timed_s or len(times) < 10:
-        t = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        if t - start >= warmup_s:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base", help="a copy of kernels/ holding the other version")
@@ -145,12 +135,13 @@ def main(argv=None):
                 line = f"D{d} {'causal' if causal else 'dense '} N{n:6d}: max normwise difference {diff:.1e}"
                 if not args.check:
                     times = {}
+                    calls = {name: _calls(a, runs[name], q, k, v, do, causal, args.call_sync)
+                             for name, a in versions.items()}
                     for r in range(ROUNDS):   # the versions take turns at going first (see the docstring)
                         for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
-                            calls = _calls(versions[name], runs[name], q, k, v, do, causal, args.call_sync)
-                            for s, call in zip(("fwd", "bwd"), calls):
+                            for s, call in zip(("fwd", "bwd"), calls[name]):
                                 times.setdefault((name, s), []).append(
-                                    _call_sync_ms(call) if args.call_sync else do_bench(call, warmup=5, rep=20))
+                                    call_sync_ms(call) if args.call_sync else do_bench(call, warmup=5, rep=20))
                     ms = {key: statistics.median(ts) for key, ts in times.items()}
                     line += "".join(f"; {s} base {ms['base', s]:.3f} new {ms['new', s]:.3f} ms "
                                     f"({ms['new', s] / ms['base', s]:.3f})" for s in ("fwd", "bwd"))

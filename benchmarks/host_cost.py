@@ -13,24 +13,11 @@ Run: python benchmarks/host_cost.py
 """
 
 import importlib
-import statistics
 import sys
-import time
 
 import torch
 
-
-def _us(fn, calls=300, batches=7):
-    fn()
-    torch.cuda.synchronize()
-    per_batch = []
-    for _ in range(batches):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_batch.append((time.perf_counter() - t) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per_batch)
+from timing import host_us
 
 
 def _capture(kernel):
@@ -55,7 +42,7 @@ def main():
           f"{torch.cuda.get_device_name()}; host us per call (B = H = 1, N = 128, D = 128, fp16)", flush=True)
 
     def row(name, fn):   # printed as measured: a failing row keeps those before it
-        print(f"{name:58s} {_us(fn):8.1f}", flush=True)
+        print(f"{name:58s} {host_us(fn):8.1f}", flush=True)
 
     with torch.no_grad():
         row("attention() forward, no_grad", lambda: a.attention(q, k, v))

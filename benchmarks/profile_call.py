@@ -15,29 +15,9 @@ import time
 import torch
 
 from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's implementations, inputs
+from timing import call_sync_ms, host_us
 
 PROFILED = ("flashverify", "sdpa-cudnn", "flex")
-
-
-def _step_ms(fn, rounds=20):
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def _host_us(fn, calls=50):
-    """Host time per call when calls are queued back to back (no synchronize in between)."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t) / calls * 1e6
-    torch.cuda.synchronize()
-    return host
 
 
 def _call_sync_split(fn, rounds=100):
@@ -74,7 +54,7 @@ def profile(d, n, causal):
         for direction, call in (("fwd", fwd), ("bwd", bwd)):
             call()
             torch.cuda.synchronize()
-            step, host, gpu = _step_ms(call), _host_us(call), do_bench(call, warmup=5, rep=30)
+            step, host, gpu = call_sync_ms(call), host_us(call, calls=50, batches=1), do_bench(call, warmup=5, rep=30)
             print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync {step:.3f} ms,"
                   f" back-to-back {gpu:.3f} ms, host {host:.0f} us/call", flush=True)
             ret, total, kernels = _call_sync_split(call)
@@ -100,8 +80,9 @@ def _direct_backward(q, k, v, do, causal):
 
     def call():
         a._backward(q, k, v, o, stats, do, pb)
-    print(f"{'_backward':12s} bwd direct: call+sync {_step_ms(call):.3f} ms, back-to-back"
-          f" {do_bench(call, warmup=5, rep=30):.3f} ms, host {_host_us(call):.0f} us/call", flush=True)
+    print(f"{'_backward':12s} bwd direct: call+sync {call_sync_ms(call):.3f} ms, back-to-back"
+          f" {do_bench(call, warmup=5, rep=30):.3f} ms, host {host_us(call, calls=50, batches=1):.0f} us/call",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The host-side timers of the GPU tools (profile_call.py, ab_kernel.py, host_cost.py).
+
+Two questions, two timers:
+
+* call_sync_ms: how long a caller waits for one call. Each call is followed by a synchronize,
+  and the median is taken over rounds, so host time counts as it does in the speed grid.
+* host_us: how long the host takes per call while calls queue back to back with no synchronize
+  between them. That is host time alone as long as the GPU's work per call is shorter (a small
+  problem) and the batch does not fill the launch queue.
+
+(test_speed.py times through pytest-benchmark; its _rounds only sizes the rounds.)
+"""
+
+import statistics
+import time
+
+
+def _cuda_synchronize():
+    import torch
+    torch.cuda.synchronize()
+
+
+def call_sync_ms(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cuda_synchronize):
+    """Median ms of call + synchronize, over at least timed_s and min_calls calls after warmup_s
+    of calls."""
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < warmup_s + timed_s or len(times) < min_calls:
+        t = time.perf_counter()
+        call()
+        synchronize()
+        if t - start >= warmup_s:
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def host_us(call, calls=300, batches=7, synchronize=_cuda_synchronize):
+    """Median over batches of the host's us per call, calls queued back to back (one call and a
+    synchronize first, so nothing earlier is still queued)."""
+    call()
+    synchronize()
+    per_batch = []
+    for _ in range(batches):
+        t = time.perf_counter()
+        for _ in range(calls):
+            call()
+        per_batch.append((time.perf_counter() - t) / calls * 1e6)
+        synchronize()
+    return statistics.median(per_batch)

@@ -1,0 +1,144 @@
+"""The pure-Python parts of the GPU tools in benchmarks/: tune.py's choice of tiles, summarize.py's
+tables, timing.py's timers (the measurements themselves need a GPU)."""
+
+import importlib.util
+import json
+import pathlib
+import time
+
+import pytest
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tune, summarize, timing = _tool("tune"), _tool("summarize"), _tool("timing")
+
+
+# --- tune.choose --------------------------------------------------------------------------------
+
+NS = (1024, 4096, 16384)
+
+
+def _timings(**ms_by_name):
+    """{name: {"tile": ..., "N<n>": ms}} from name=(ms at each of NS)."""
+    return {name: {"tile": [i, i, 4, 3], **{f"N{n}": t for n, t in zip(NS, ms)}}
+            for i, (name, ms) in enumerate(ms_by_name.items())}
+
+
+def test_the_overall_winner_serves_every_n_it_is_within_noise_of():
+    got = tune.choose(_timings(a=(1.00, 4.00, 16.0), b=(1.01, 4.20, 16.5)), NS)
+    assert got == {n: "a" for n in NS}
+
+
+def test_a_candidate_more_than_noise_faster_at_one_n_takes_that_n():
+    faster = 1.0 / (1 + tune.NOISE) - 0.01   # beyond the noise at N=1K only
+    got = tune.choose(_timings(a=(1.00, 4.00, 16.0), b=(faster, 4.40, 17.6)), NS)
+    assert got == {1024: "b", 4096: "a", 16384: "a"}
+
+
+def test_scores_are_the_geometric_mean_over_n_of_time_over_the_fastest():
+    timings = _timings(a=(1.0, 4.0, 16.0), b=(2.0, 4.0, 16.0))
+    tune.choose(timings, NS)
+    assert timings["a"]["score"] == pytest.approx(1.0)
+    assert timings["b"]["score"] == pytest.approx(2 ** (1 / 3))
+
+
+def test_a_held_tile_within_noise_of_the_choice_stays():
+    got = tune.choose(_timings(a=(1.00, 4.00, 16.0), b=(1.02, 4.08, 16.3)), NS, held={n: "b" for n in NS})
+    assert got == {n: "b" for n in NS}
+
+
+def test_a_held_tile_is_replaced_where_the_choice_beats_it_beyond_noise():
+    slower = 1.0 * (1 + tune.NOISE) + 0.01
+    got = tune.choose(_timings(a=(1.00, 4.00, 16.0), b=(slower, 4.05, 16.1)), NS, held={n: "b" for n in NS})
+    assert got == {1024: "a", 4096: "b", 16384: "b"}
+
+
+def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
+    timings = _timings(a=(1.00, 4.00, 16.0))
+    timings["gone"] = {"tile": [9, 9, 4, 3], "N1024": 1.0}   # failed to run at 4K and 16K
+    assert tune.choose(timings, NS, held={n: "gone" for n in NS}) == {n: "a" for n in NS}
+
+
+# --- summarize ------------------------------------------------------------------------------------
+
+def _grid_file(path, tflops_by_impl):
+    """A pytest-benchmark JSON of one config (fwd fp16 D=128 dense N=1K) with the given TFLOP/s."""
+    info = dict(direction="fwd", dtype="torch.float16", d=128, causal=False, N=1024, B=32, H=16, flops=2.75e11)
+    benchmarks = [{"extra_info": dict(info, impl=impl, tflops=t)} for impl, t in tflops_by_impl.items()]
+    path.write_text(json.dumps({"machine_info": {"gpu": {"name": "Test GPU"}}, "benchmarks": benchmarks}))
+    return str(path)
+
+
+def _row(out):
+    return next(line for line in out.splitlines() if line.startswith("fwd"))
+
+
+def test_one_file_gives_its_ratios_and_no_spread_column(tmp_path, capsys):
+    summarize.main([_grid_file(tmp_path / "a.json", {"flashverify": 300.0, "flex": 400.0})])
+    out = capsys.readouterr().out
+    assert "runs" not in out
+    assert _row(out).split()[-1] == "0.75"
+
+
+def test_several_files_give_medians_and_the_range_of_ours_over_flex(tmp_path, capsys):
+    files = [_grid_file(tmp_path / f"{i}.json", {"flashverify": ours, "flex": 400.0})
+             for i, ours in enumerate((300.0, 420.0, 360.0))]
+    summarize.main(files)
+    out = capsys.readouterr().out
+    assert "medians over 3 runs" in out
+    cells = _row(out).split()
+    assert cells[5:7] == ["360.0", "400.0"]       # each implementation's median over the runs
+    assert cells[7] == "0.90"                      # ours/flex of the medians
+    assert cells[8] == "0.75-1.05"                 # ours/flex in the worst and the best run
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+class _Clock:
+    """A call that takes `seconds` of host time, and a synchronize that takes `sync_s` more."""
+
+    def __init__(self, seconds, sync_s=0.0):
+        self.seconds, self.sync_s, self.calls, self.syncs = seconds, sync_s, 0, 0
+
+    def call(self):
+        self.calls += 1
+        time.sleep(self.seconds)
+
+    def synchronize(self):
+        self.syncs += 1
+        time.sleep(self.sync_s)
+
+
+def test_call_sync_ms_times_the_call_and_its_synchronize():
+    clock = _Clock(0.002, sync_s=0.001)
+    ms = timing.call_sync_ms(clock.call, warmup_s=0.0, timed_s=0.03, min_calls=5, synchronize=clock.synchronize)
+    assert 3.0 <= ms < 20.0                 # 2 ms call + 1 ms synchronize (a sleep overshoots, never undershoots)
+    assert clock.syncs == clock.calls       # every call synchronized
+
+
+def test_call_sync_ms_leaves_the_warm_up_calls_out():
+    start = time.perf_counter()
+
+    def call():   # 10 ms a call during the first 50 ms, then 1 ms
+        time.sleep(0.010 if time.perf_counter() - start < 0.05 else 0.001)
+    ms = timing.call_sync_ms(call, warmup_s=0.05, timed_s=0.0, min_calls=3, synchronize=lambda: None)
+    assert ms < 5.0                          # counted, the five slow warm-up calls would be the median
+
+
+def test_call_sync_ms_takes_at_least_min_calls():
+    clock = _Clock(0.0)
+    timing.call_sync_ms(clock.call, warmup_s=0.0, timed_s=0.0, min_calls=25, synchronize=clock.synchronize)
+    assert clock.calls == 25
+
+
+def test_host_us_counts_host_time_per_call_and_synchronizes_only_between_batches():
+    clock = _Clock(0.001, sync_s=0.2)
+    us = timing.host_us(clock.call, calls=20, batches=3, synchronize=clock.synchronize)
+    assert 1000 <= us < 5000                # 1 ms a call; counted, the 200 ms synchronizes would add 10 ms
+    assert clock.calls == 1 + 20 * 3 and clock.syncs == 1 + 3
