@@ -10,6 +10,7 @@ tiles/), e.g. HEAD's:
     python benchmarks/ab_kernel.py ab/base        # fp16 grid: D 64/128, dense/causal, N 1K/4K/16K
     python benchmarks/ab_kernel.py ab/base --check --n 96   # results only
     python benchmarks/ab_kernel.py ab/base --call-sync      # as the speed grid times: host time included
+    python benchmarks/ab_kernel.py ab/base --host           # the host's Python alone, launches no-ops (CPU too)
 
 Both versions take their tile tables from their own tiles/ (the fixed tiles where it has none
 for this GPU). Prints new/base time per config and the largest normwise difference of O, dQ,
@@ -99,6 +100,43 @@ def _calls(a, run, q, k, v, do, causal, call_sync):
     return forward, (lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing (see _host_times)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _host_times(versions, device, rounds=15):
+    """Host time of attention() (no_grad), _forward and _backward per version, in us: the Python
+    around the launches, with every kernel replaced by a no-op, on a tiny problem. The minimum over
+    `rounds` alternating rounds of 3 x 2,000 calls. On the development CPU, single runs of the same
+    code ranged 43-66 us for _backward, and this minimum 42.3-47.3 us over four runs (session 12).
+    Runs on the CPU too.
+    It replaces the kernels in the loaded modules, so nothing in this process may launch after it."""
+    import timeit
+    q, k, v, do = _inputs(1, 128, 128, device)
+    o, stats = q.clone(), torch.zeros(128, device=device)
+    calls = {}
+    for name, a in versions.items():
+        for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"):
+            setattr(a.tk, kernel, _NoLaunch())
+        pb = _problem(a, q, k, v, False)
+        calls[name] = {"attention()": lambda a=a: a.attention(q, k, v),
+                       "_forward": lambda a=a, pb=pb: a._forward(q, k, v, pb),
+                       "_backward": lambda a=a, pb=pb: a._backward(q, k, v, o, stats, do, pb)}
+    best = {}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+                for what, call in calls[name].items():
+                    us = min(timeit.repeat(call, number=2000, repeat=3)) / 2000 * 1e6
+                    best[name, what] = min(best.get((name, what), float("inf")), us)
+    for what in calls["new"]:
+        print(f"{what:12s} host time without launches: base {best['base', what]:6.2f} us, "
+              f"new {best['new', what]:6.2f} us ({best['new', what] / best['base', what]:.3f})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base", help="a copy of kernels/ holding the other version")
@@ -106,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--call-sync", action="store_true",
                     help="time calls as the speed grid does (attention() and autograd, each call synchronized), "
                          "not the kernels back to back: host-side changes show only so")
+    ap.add_argument("--host", action="store_true",
+                    help="the host's time alone: every launch a no-op, a tiny problem (works on the CPU)")
     ap.add_argument("--n", type=int, nargs="+", default=None, help=f"sequence lengths (default {NS}; --check: 96)")
     args = ap.parse_args(argv)
     ns = args.n or ((96,) if args.check else NS)
@@ -114,9 +154,13 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.check and args.call_sync:
         ap.error("--call-sync chooses how calls are timed and --check times nothing: give one of them")
-    if not args.check and device == "cpu":
-        ap.error("timing needs a GPU; on the CPU use --check")
+    if not (args.check or args.host) and device == "cpu":
+        ap.error("timing the kernels needs a GPU; on the CPU use --check or --host")
     versions = _versions(args.base)
+    if args.host:
+        if args.check or args.call_sync:
+            ap.error("--host times the host alone: give it without --check and --call-sync")
+        return _host_times(versions, device)
     if not args.check:
         start = time.time()
         jobs = [(args.base, name, d, c) for name in versions for d in DS for c in CAUSAL]
