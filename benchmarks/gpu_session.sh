@@ -17,7 +17,8 @@
 #            measurement, merged), as $OUT/report.tgz
 #   props-release-1 .. props-release-3   the release profile on the bundled kernel, a third each
 #   props-torch   torch's kernels (SDPA backends, FlexAttention) with the ci profile
-#   bench-fp16, bench-bf16   half the speed grid each (about 4 min each with timed rounds: 241 s for fp16 on an H200), with the floors
+#   bench-fp16, bench-bf16   half the speed grid each (about 4 min each with timed rounds: 241 s for fp16 on an H200,
+#            before the back-to-back time was added to each test), with the floors; tables of both timings
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -83,7 +84,9 @@ for step in "$@"; do
       timeout -s INT 330 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "$dt" \
         --benchmark-json="$OUT/bench-$dt.json" --benchmark-disable-gc >"$OUT/bench-$dt.log" 2>&1
       tail -3 "$OUT/bench-$dt.log"
-      python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt" ;;
+      python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
+      python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
+        | tee "$OUT/bench-$dt-back-to-back.txt" ;;
     *) echo "unknown step $step; the steps: tune profile host-cost ab ab-call-sync tests tests-kernel golden gate report" \
          "props-release-1 props-release-2 props-release-3 props-thorough props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac

@@ -1,7 +1,7 @@
 """TFLOP/s per config from pytest-benchmark JSON files, with ratios to the other implementations and,
 given floors.json (benchmarks/floors.py), the time floor and how far above it each run is.
 
-Run: python benchmarks/summarize.py bench.json [bench2.json ...] [--floors floors.json]
+Run: python benchmarks/summarize.py bench.json [bench2.json ...] [--floors floors.json] [--back-to-back]
 Several files (the same grid run more than once, minutes or sessions apart): each config's TFLOP/s
 is the median over the files, and a column gives the range of ours/FlexAttention over them. Why:
 at N=1K a block of rounds (one config and implementation, about a second) can sit 0.1-0.25 ms
@@ -27,8 +27,9 @@ def bytes_moved(e):
     return 4 * qkvo + rows if e["direction"] == "fwd" else 8 * qkvo + 2 * rows
 
 
-def _runs(paths):
-    """[{config key: {impl: TFLOP/s}}] per file, the configs' extra_info, and the GPU names."""
+def _runs(paths, rate="tflops"):
+    """[{config key: {impl: TFLOP/s}}] per file, the configs' extra_info, and the GPU names;
+    rate: the extra_info entry to read (tflops: call + synchronize; tflops_back_to_back)."""
     runs, info, gpus = [], {}, []
     for path in paths:
         with open(path) as f:
@@ -39,9 +40,11 @@ def _runs(paths):
             e = b["extra_info"]
             if "tflops" not in e:
                 continue
+            if rate not in e:
+                raise SystemExit(f"{path}: no {rate!r} in its results (a grid from before it was measured)")
             dtype = e["dtype"].removeprefix("torch.")
             key = (e["direction"], dtype, e["d"], "causal" if e["causal"] else "dense", e["N"])
-            table[key][e["impl"]] = e["tflops"]
+            table[key][e["impl"]] = e[rate]
             info[key] = e
         runs.append(table)
     return runs, info, gpus
@@ -51,8 +54,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("bench", nargs="+", help="pytest-benchmark JSON files of the speed grid")
     ap.add_argument("--floors", default=None)
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="calls queued back to back (larger of host and GPU time per call), not call + synchronize")
     args = ap.parse_args(argv)
-    runs, info, gpus = _runs(args.bench)
+    runs, info, gpus = _runs(args.bench, "tflops_back_to_back" if args.back_to_back else "tflops")
     floors = json.load(open(args.floors)) if args.floors else None
     table = {key: {impl: statistics.median(r[key][impl] for r in runs if impl in r.get(key, {}))
                    for impl in {i for r in runs for i in r.get(key, {})}}
@@ -61,7 +66,8 @@ def main(argv=None):
     others = [i for i in impls if i != "flashverify"]
     spread = len(runs) > 1 and TARGET in others
     names = ", ".join(sorted(set(gpus)))
-    print(f"GPU: {names}; TFLOP/s (FlashAttention-2 FLOPs)"
+    print(f"GPU: {names}; TFLOP/s (FlashAttention-2 FLOPs), "
+          + ("calls back to back" if args.back_to_back else "each call + synchronize")
           + (f"; medians over {len(runs)} runs" if len(runs) > 1 else ""))
     head = f"{'dir':4s} {'dtype':9s} {'D':>4s} {'mask':7s} {'N':>6s}" + "".join(f"{i:>15s}" for i in impls)
     head += "".join(f"{'ours/' + i:>21s}" for i in others)

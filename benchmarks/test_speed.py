@@ -9,6 +9,10 @@ kernels in parallel processes: compiling is not timed, and the timed run then fi
 disk caches), pytest benchmarks/test_speed.py --benchmark-json=bench.json, then
 python benchmarks/summarize.py bench.json [--floors floors.json] for TFLOP/s and ratios.
 FLOPs follow FlashAttention-2: forward 4 B H N^2 D (halved when causal), backward 2.5x that.
+Two times per config: the benchmark's own, each call followed by a synchronize (one call's
+latency, host time included), and, in extra_info, back to back (timing.back_to_back_ms: calls
+queued with one synchronize per batch, the larger of host and GPU time per call, as published
+TFLOP/s are measured); `summarize.py --back-to-back` tabulates the second.
 GPU name, torch and triton versions are saved in the JSON's machine_info (benchmarks/conftest.py).
 """
 
@@ -18,6 +22,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import back_to_back_ms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks run on a GPU only")
 
@@ -119,19 +124,23 @@ def test_speed(benchmark, impl, direction, dtype, d, causal, n):
         pytest.skip(f"{impl} unavailable: {str(e)[:200]}")
     do = torch.randn_like(o)
     if direction == "fwd":
-        def step():
+        def call():
             with torch.no_grad():
                 fn(q, k, v, causal)
-            torch.cuda.synchronize()
     else:
-        def step():
+        def call():
             gradients(o, (q, k, v), do)
-            torch.cuda.synchronize()
+
+    def step():
+        call()
+        torch.cuda.synchronize()
     warmup_rounds, rounds = _rounds(step)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    back_to_back = back_to_back_ms(call) / 1e3
     f = flops(b, n, d, causal, direction)
     benchmark.extra_info.update(impl=impl, direction=direction, d=d, causal=causal, dtype=str(dtype), B=b, H=H,
-                                N=n, flops=f, tflops=f / benchmark.stats["median"] / 1e12)
+                                N=n, flops=f, tflops=f / benchmark.stats["median"] / 1e12,
+                                back_to_back_s=back_to_back, tflops_back_to_back=f / back_to_back / 1e12)
 
 
 def _compile_one(config):

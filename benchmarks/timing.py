@@ -4,6 +4,9 @@ Two questions, two timers:
 
 * call_sync_ms: how long a caller waits for one call. Each call is followed by a synchronize,
   and the median is taken over rounds, so host time counts as it does in the speed grid.
+* back_to_back_ms: time per call while calls queue back to back, one synchronize per batch. In
+  steady state that is the larger of host and GPU time per call: what a training loop sees, and
+  how published TFLOP/s are measured (FlashAttention's benchmarks, triton.testing.do_bench).
 * host_us: how long the host takes per call while calls queue back to back with no synchronize
   between them. That is host time alone as long as the GPU's work per call is shorter (a small
   problem) and the batch does not fill the launch queue.
@@ -11,6 +14,7 @@ Two questions, two timers:
 (test_speed.py times through pytest-benchmark; its _rounds only sizes the rounds.)
 """
 
+import math
 import statistics
 import time
 
@@ -31,6 +35,24 @@ def call_sync_ms(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cu
         if t - start >= warmup_s:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def back_to_back_ms(call, timed_s=0.25, batches=3, synchronize=_cuda_synchronize):
+    """Median over batches of ms per call, calls queued back to back and a synchronize ending each
+    batch; batches of at least 3 calls, sized from one call so that they last timed_s in all."""
+    synchronize()
+    t = time.perf_counter()
+    call()
+    synchronize()
+    calls = max(3, math.ceil(timed_s / batches / max(time.perf_counter() - t, 1e-9)))
+    per_batch = []
+    for _ in range(batches):
+        t = time.perf_counter()
+        for _ in range(calls):
+            call()
+        synchronize()
+        per_batch.append((time.perf_counter() - t) / calls * 1e3)
+    return statistics.median(per_batch)
 
 
 def host_us(call, calls=300, batches=7, synchronize=_cuda_synchronize):

@@ -201,7 +201,8 @@ def main(argv=None):
 
     table = {"schema": a.TILES_SCHEMA, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
              "triton": __import__("triton").__version__, "tuned_dtype": "float16", "applies_to": ["float16", "bfloat16"],
-             "shapes": {"tokens": TOKENS, "H": H, "N": list(NS)}, "command": "python benchmarks/tune.py" + (" --fresh" if args.fresh else ""),
+             "shapes": {"tokens": TOKENS, "H": H, "N": list(NS)},
+             "command": "python benchmarks/tune.py" + (" --fresh" if args.fresh else ""),
              "tiles": tiles, "timings_ms": timings, "rejected_as_broken": rejected, "did_not_fit": sorted(
                  f"D{d}-{'masked' if c else 'dense'}/{kern}/{t}: {e}" for (d, c, kern, t), e in failed.items())}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

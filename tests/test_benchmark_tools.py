@@ -67,10 +67,14 @@ def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
 
 # --- summarize ------------------------------------------------------------------------------------
 
-def _grid_file(path, tflops_by_impl):
-    """A pytest-benchmark JSON of one config (fwd fp16 D=128 dense N=1K) with the given TFLOP/s."""
+def _grid_file(path, tflops_by_impl, back_to_back=True):
+    """A pytest-benchmark JSON of one config (fwd fp16 D=128 dense N=1K) with the given TFLOP/s
+    (call + synchronize; back to back: twice that)."""
     info = dict(direction="fwd", dtype="torch.float16", d=128, causal=False, N=1024, B=32, H=16, flops=2.75e11)
-    benchmarks = [{"extra_info": dict(info, impl=impl, tflops=t)} for impl, t in tflops_by_impl.items()]
+    benchmarks = []
+    for impl, t in tflops_by_impl.items():
+        rates = {"tflops": t, **({"tflops_back_to_back": 2 * t} if back_to_back else {})}
+        benchmarks.append({"extra_info": dict(info, impl=impl, **rates)})
     path.write_text(json.dumps({"machine_info": {"gpu": {"name": "Test GPU"}}, "benchmarks": benchmarks}))
     return str(path)
 
@@ -96,6 +100,20 @@ def test_several_files_give_medians_and_the_range_of_ours_over_flex(tmp_path, ca
     assert cells[5:7] == ["360.0", "400.0"]       # each implementation's median over the runs
     assert cells[7] == "0.90"                      # ours/flex of the medians
     assert cells[8] == "0.75-1.05"                 # ours/flex in the worst and the best run
+
+
+
+def test_back_to_back_reads_the_back_to_back_rates(tmp_path, capsys):
+    summarize.main([_grid_file(tmp_path / "a.json", {"flashverify": 300.0, "flex": 400.0}), "--back-to-back"])
+    out = capsys.readouterr().out
+    assert "calls back to back" in out
+    assert _row(out).split()[5:8] == ["600.0", "800.0", "0.75"]
+
+
+def test_back_to_back_of_a_grid_without_it_is_an_error_naming_the_file(tmp_path):
+    path = _grid_file(tmp_path / "old.json", {"flashverify": 300.0}, back_to_back=False)
+    with pytest.raises(SystemExit, match="old.json: no 'tflops_back_to_back'"):
+        summarize.main([path, "--back-to-back"])
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -142,3 +160,10 @@ def test_host_us_counts_host_time_per_call_and_synchronizes_only_between_batches
     us = timing.host_us(clock.call, calls=20, batches=3, synchronize=clock.synchronize)
     assert 1000 <= us < 5000                # 1 ms a call; counted, the 200 ms synchronizes would add 10 ms
     assert clock.calls == 1 + 20 * 3 and clock.syncs == 1 + 3
+
+
+def test_back_to_back_ms_pays_one_synchronize_per_batch_not_per_call():
+    clock = _Clock(0.002, sync_s=0.005)
+    ms = timing.back_to_back_ms(clock.call, timed_s=0.3, batches=3, synchronize=clock.synchronize)
+    assert 2.0 <= ms < 4.0                  # 2 ms a call + 5 ms over a batch of ~15; synchronized each, 7 ms
+    assert clock.syncs == 2 + 3             # before and after the sizing call, then one per batch
