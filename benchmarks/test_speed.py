@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+
 from timing import back_to_back_ms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks run on a GPU only")

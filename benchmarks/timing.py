@@ -1,6 +1,6 @@
 """The host-side timers of the GPU tools (profile_call.py, ab_kernel.py, host_cost.py).
 
-Two questions, two timers:
+Three questions, three timers:
 
 * call_sync_ms: how long a caller waits for one call. Each call is followed by a synchronize,
   and the median is taken over rounds, so host time counts as it does in the speed grid.
@@ -11,7 +11,8 @@ Two questions, two timers:
   between them. That is host time alone as long as the GPU's work per call is shorter (a small
   problem) and the batch does not fill the launch queue.
 
-(test_speed.py times through pytest-benchmark; its _rounds only sizes the rounds.)
+(test_speed.py's call + synchronize time goes through pytest-benchmark, its _rounds only sizing
+the rounds; its back-to-back time is back_to_back_ms.)
 """
 
 import math
