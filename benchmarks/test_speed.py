@@ -11,8 +11,8 @@ python benchmarks/summarize.py bench.json [--floors floors.json] for TFLOP/s and
 FLOPs follow FlashAttention-2: forward 4 B H N^2 D (halved when causal), backward 2.5x that.
 Two times per config: the benchmark's own, each call followed by a synchronize (one call's
 latency, host time included), and, in extra_info, back to back (timing.back_to_back_ms: calls
-queued with one synchronize per batch, the larger of host and GPU time per call, as published
-TFLOP/s are measured); `summarize.py --back-to-back` tabulates the second.
+queued with one synchronize per batch, the larger of host and GPU time per call, as
+FlashAttention's benchmarks time); `summarize.py --back-to-back` tabulates the second.
 GPU name, torch and triton versions are saved in the JSON's machine_info (benchmarks/conftest.py).
 """
 

@@ -1,4 +1,4 @@
-"""The host-side timers of the GPU tools (profile_call.py, ab_kernel.py, host_cost.py).
+"""The host-side timers of the GPU tools (test_speed.py, profile_call.py, ab_kernel.py, host_cost.py).
 
 Three questions, three timers:
 
@@ -6,7 +6,8 @@ Three questions, three timers:
   and the median is taken over rounds, so host time counts as it does in the speed grid.
 * back_to_back_ms: time per call while calls queue back to back, one synchronize per batch. In
   steady state that is the larger of host and GPU time per call: what a training loop sees, and
-  how published TFLOP/s are measured (FlashAttention's benchmarks, triton.testing.do_bench).
+  how FlashAttention's benchmark scripts time (torch.utils.benchmark: a synchronize per block of
+  calls). triton.testing.do_bench times the GPU alone.
 * host_us: how long the host takes per call while calls queue back to back with no synchronize
   between them. That is host time alone as long as the GPU's work per call is shorter (a small
   problem) and the batch does not fill the launch queue.
