@@ -5,6 +5,8 @@
 #   profile  host vs GPU time of single calls, ours, cuDNN, FlexAttention (benchmarks/profile_call.py;
 #            three shapes took over 200 s on an H200, FlexAttention at 16K unfinished)
 #   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
+#   grid-vs-profile  the fp16 D=128 dense N=1K config timed by the grid's test alone, then by profile_call.py:
+#            the grid had our forward at 0.82-0.91 of FlexAttention there, profile_call at 1.29-1.30 (session 12)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
@@ -33,6 +35,13 @@ for step in "$@"; do
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
     host-cost)
       timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host-cost.log" ;;
+    grid-vs-profile)
+      python3 benchmarks/test_speed.py -k fp16 >/dev/null 2>&1   # compile first, as the grid's step does
+      timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "fp16 and D128 and dense and N1K" \
+        --benchmark-json="$OUT/grid-alone.json" --benchmark-disable-gc >"$OUT/grid-alone.log" 2>&1
+      python3 benchmarks/summarize.py "$OUT/grid-alone.json" | tee "$OUT/grid-alone.txt"
+      python3 benchmarks/summarize.py "$OUT/grid-alone.json" --back-to-back | tee -a "$OUT/grid-alone.txt"
+      timeout 200 python3 benchmarks/profile_call.py 128 1024 0 2>&1 | tee "$OUT/profile-128-1024.log" | grep -E "call\+sync" ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
@@ -87,7 +96,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost ab ab-call-sync tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile ab ab-call-sync tests tests-kernel golden gate report" \
          "props-release-1 props-release-2 props-release-3 props-thorough props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
