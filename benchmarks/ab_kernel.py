@@ -154,12 +154,12 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.check and args.call_sync:
         ap.error("--call-sync chooses how calls are timed and --check times nothing: give one of them")
+    if args.host and (args.check or args.call_sync or args.n):
+        ap.error("--host times the host alone, on one tiny problem: give it without --check, --call-sync and --n")
     if not (args.check or args.host) and device == "cpu":
         ap.error("timing the kernels needs a GPU; on the CPU use --check or --host")
     versions = _versions(args.base)
     if args.host:
-        if args.check or args.call_sync:
-            ap.error("--host times the host alone: give it without --check and --call-sync")
         return _host_times(versions, device)
     if not args.check:
         start = time.time()

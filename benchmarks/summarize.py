@@ -32,8 +32,11 @@ def _runs(paths, rate="tflops"):
     rate: the extra_info entry to read (tflops: call + synchronize; tflops_back_to_back)."""
     runs, info, gpus = [], {}, []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"bench {path!r}: not a readable pytest-benchmark JSON file ({e})") from None
         gpus.append(data.get("machine_info", {}).get("gpu", {}).get("name", "?"))
         table = defaultdict(dict)
         for b in data["benchmarks"]:

@@ -116,6 +116,14 @@ def test_back_to_back_of_a_grid_without_it_is_an_error_naming_the_file(tmp_path)
         summarize.main([path, "--back-to-back"])
 
 
+
+def test_a_missing_or_broken_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    for name in ("absent.json", "broken.json"):
+        with pytest.raises(SystemExit, match=f"bench '.*{name}': not a readable pytest-benchmark JSON file"):
+            summarize.main([str(tmp_path / name)])
+
+
 # --- timing ---------------------------------------------------------------------------------------
 
 class _Clock:
