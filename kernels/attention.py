@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 from . import triton_kernels as tk
@@ -314,6 +313,12 @@ def _logl_offset(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division, for grids. triton.cdiv is a constexpr_function: 2.6-4 us a call from the
+    host, where this is under 0.1 (the backward's host time counts at small N)."""
+    return -(-a // b)
+
+
 _STAGES_THAT_FIT: dict = {}
 
 
@@ -323,7 +328,7 @@ def _launch(kernel, grid, tile: Tile, *args, **constexprs):
     shared memory in every stage (H100, D=128 masked dK/dV 64x128 with 4 stages: 248,064 of
     232,448 bytes). Stages only set how far loads run ahead of the arithmetic, so the results are
     bitwise those of the tuned tile (tests/test_kernel.py checks this on a GPU)."""
-    key = (kernel, tile, tuple(sorted(constexprs.items())))
+    key = (kernel, tile, tuple(constexprs.items()))   # each kernel has one call site: one keyword order
     stages = _STAGES_THAT_FIT.get(key, tile.num_stages)
     while True:
         try:
@@ -346,7 +351,7 @@ def _forward(q, k, v, pb: _Problem):
     stats = torch.empty((logl_at if pb.precise_exp else 0) + B * H * nq, device=q.device, dtype=torch.float32)
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
-    grid = (triton.cdiv(nq, t.block_m), B * H)
+    grid = (_cdiv(nq, t.block_m), B * H)
     _launch(
         tk._fwd_kernel, grid, t,
         q, k, v, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
@@ -386,13 +391,13 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     on_gpu = q.device.type == "cuda"
     if on_gpu:
         caller, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    tk._bwd_delta_kernel[(triton.cdiv(nq, 64), B * H)](
+    tk._bwd_delta_kernel[(_cdiv(nq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
     if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
         side.wait_stream(caller)
     t = pb.config.dkdv
     _launch(
-        tk._bwd_dkdv_kernel, (triton.cdiv(nk, t.block_n), B * Hkv), t,
+        tk._bwd_dkdv_kernel, (_cdiv(nk, t.block_n), B * Hkv), t,
         q, k, v, do, stats, delta, dk, dv, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
@@ -400,7 +405,7 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     with torch.cuda.stream(side) if on_gpu else contextlib.nullcontext():
         t = pb.config.dq
         _launch(
-            tk._bwd_dq_kernel, (triton.cdiv(nq, t.block_m), B * H), t,
+            tk._bwd_dq_kernel, (_cdiv(nq, t.block_m), B * H), t,
             q, k, v, do, stats, delta, dq, mask, keylen,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
             H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
@@ -493,7 +498,7 @@ def dropout_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tens
     device = torch.device(device)
     run_on = torch.device("cuda") if (device.type == "cpu" and not interpreting()) else device
     out = torch.empty(shape, dtype=torch.uint8, device=run_on)
-    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), B * H)
+    grid = (_cdiv(nq, 32), _cdiv(nk, 32), B * H)
     with _on_device_of(out):
         tk._dropout_mask_kernel[grid](out, seed, float(dropout_p), H, nq, nk, BLOCK_M=32, BLOCK_N=32)
     return out.bool().to(device)
