@@ -104,17 +104,24 @@ NS, CAUSAL, DS, DTYPES = (1024, 4096, 16384), (False, True), (64, 128), (torch.f
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-# impl varies fastest: a config's implementations run one after another, seconds apart. Run
-# implementation by implementation, the grid timed the bundled kernel and FlexAttention minutes
-# apart, so each ratio also carried the machine's drift in between: between two H200 sessions the
-# bundled kernel's unchanged forward moved by up to 26 % and FlexAttention's by up to 11 %, in
-# opposite directions at some configs (docs/performance.md, session 10).
+# Order: the implementation varies fastest, the sequence length slowest.
+# * impl fastest: a config's implementations run one after another, seconds apart. Run
+#   implementation by implementation, the grid timed the bundled kernel and FlexAttention minutes
+#   apart, so each ratio also carried the machine's drift in between (docs/performance.md,
+#   session 10).
+# * N slowest: with N varying second fastest, every N=1K config ran right after the previous
+#   config's N=16K tests, and the first implementation timed there (ours) ran slow for the whole
+#   test: fp16 D=128 dense N=1K forward 0.946 ms in the grid, 0.747 ms in a run of that config
+#   alone on the next instance, with the other implementations less slowed the later they ran
+#   (sdpa-flash +9 %, sdpa-efficient +7 %, cuDNN +4 %, FlexAttention, last, 0 %), as if the GPU
+#   were still recovering from the heavy tests before (H200, session 13). Now the N=1K configs
+#   run first and each N=16K config follows another.
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("n", NS, ids=["N1K", "N4K", "N16K"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["dense", "causal"])
 @pytest.mark.parametrize("d", DS, ids=["D64", "D128"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[t] for t in DTYPES])
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("n", NS, ids=["N1K", "N4K", "N16K"])
 def test_speed(benchmark, impl, direction, dtype, d, causal, n):
     b = TOKENS // n
     q, k, v = _inputs(b, n, d, dtype)

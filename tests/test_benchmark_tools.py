@@ -175,3 +175,20 @@ def test_back_to_back_ms_pays_one_synchronize_per_batch_not_per_call():
     ms = timing.back_to_back_ms(clock.call, timed_s=0.3, batches=3, synchronize=clock.synchronize)
     assert 2.0 <= ms < 4.0                  # 2 ms a call + 5 ms over a batch of ~15; synchronized each, 7 ms
     assert clock.syncs == 2 + 3             # before and after the sizing call, then one per batch
+
+
+# --- test_speed.py's order ------------------------------------------------------------------------
+
+def test_the_speed_grid_runs_light_configs_first_and_a_configs_implementations_together(pytester):
+    """No N=1K config may follow an N=16K one (the first implementation timed after the heavy
+    tests ran slow: docs/performance.md, session 13), and a config's five implementations run
+    one after another (not minutes apart: session 10)."""
+    bench = pathlib.Path(__file__).parents[1] / "benchmarks"
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:cacheprovider", str(bench / "test_speed.py"))
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.outlines if "test_speed[" in line]
+    assert len(ids) == 2 * 2 * 2 * 2 * 3 * 5, result.outlines[-5:]
+    ns = [i.split("-")[0] for i in ids]
+    assert ns == sorted(ns, key=["N1K", "N4K", "N16K"].index), "a lighter config follows a heavier one"
+    configs = ["-".join(i.split("-")[:5]) for i in ids]   # N, direction, dtype, D, mask; then the implementation
+    for at in range(0, len(ids), 5):
+        assert len(set(configs[at:at + 5])) == 1, f"implementations of {configs[at]} are not together"
