@@ -4,7 +4,8 @@ Why: at N=1K the speed grid's call + synchronize time is 0.1-0.3 ms above the ke
 (profile_call.py), and our backward's host time (350-400 us a call) is above FlexAttention's
 (about 210) and cuDNN's (about 150). This says which part of a call takes it: the argument
 checks, the allocations, Triton's JITFunction.run (argument binding and specialization, cache
-key, launch), or the compiled kernel's own launcher under it.
+key, launch), the compiled kernel's own launcher under it, or attention._run's direct launch
+(which calls that launcher once Triton has compiled the kernel).
 
 A tiny problem (B = H = 1, N = 128) keeps the GPU's work per call far below the host's, so calls
 queued back to back measure host time alone. Prints microseconds per call (median of 7 batches).
@@ -70,11 +71,20 @@ def main():
     finally:
         a._side_stream = side_stream
 
+    triton_path = a._direct_launch_possible
+    a._direct_launch_possible = lambda kernel: None   # every launch through JITFunction.run, as before _run
+    try:
+        row("_forward, every launch through JITFunction.run", lambda: a._forward(q, k, v, pb))
+        row("_backward, every launch through JITFunction.run", lambda: a._backward(q, k, v, o, stats, do, pb))
+    finally:
+        a._direct_launch_possible = triton_path
+
     for name, kernel, call in (("fwd", tk._fwd_kernel, lambda: a._forward(q, k, v, pb)),
                                ("dkdv", tk._bwd_dkdv_kernel, lambda: a._backward(q, k, v, o, stats, do, pb)),
                                ("dq", tk._bwd_dq_kernel, lambda: a._backward(q, k, v, o, stats, do, pb)),
                                ("delta", tk._bwd_delta_kernel, lambda: a._backward(q, k, v, o, stats, do, pb))):
         seen, restore = _capture(kernel)
+        a._COMPILED.clear()   # so that the call launches through JITFunction.run, where _capture sees it
         call()
         restore()
         torch.cuda.synchronize()
@@ -87,6 +97,9 @@ def main():
         runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]   # this launcher takes all three
         stream = torch.cuda.current_stream().cuda_stream
         row(f"{name}:   compiled kernel's launcher alone", lambda: runner(*params.values(), stream=stream))
+        options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
+        constexprs = {key: value for key, value in kwargs.items() if key not in options}
+        row(f"{name}:   attention._run (its direct launch)", lambda: a._run(kernel, grid, args, constexprs, **options))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
+from triton.runtime.jit import JITFunction
 
 from . import triton_kernels as tk
 
@@ -332,13 +335,101 @@ def _launch(kernel, grid, tile: Tile, *args, **constexprs):
     stages = _STAGES_THAT_FIT.get(key, tile.num_stages)
     while True:
         try:
-            kernel[grid](*args, num_warps=tile.num_warps, num_stages=stages, **constexprs)
+            _run(kernel, grid, args, constexprs, num_warps=tile.num_warps, num_stages=stages)
             break
         except OutOfResources:
             if stages == 1:
                 raise
             stages -= 1
     _STAGES_THAT_FIT[key] = stages
+
+
+# Compiled kernels by launch key (see _run): one entry per kernel variant and argument layout a
+# process launches, emptied past _COMPILED_MAX (random shapes in a long property run).
+_COMPILED: dict = {}
+_COMPILED_MAX = 4096
+_I32 = range(-2**31, 2**31)
+
+
+def _run(kernel, grid, args, constexprs, **options):
+    """kernel[grid](*args, **constexprs, **options), through the compiled kernel's own launcher
+    once Triton has compiled it for arguments with this launch key (_arg_key).
+
+    Why: on every launch Triton's JITFunction.run binds and specializes each argument and builds
+    a cache key: 19-56 us of host time on an H200's host, against 8-16 us for the compiled
+    kernel's launcher alone (benchmarks/host_cost.py), and a call + synchronize at N=1K waits for
+    it. The first launch of a key goes through JITFunction.run, which compiles (or finds) the
+    kernel and returns it; later launches call it as JITFunction.run would. Triton's own path is
+    taken for anything else: the interpreter, a launch hook (profilers), debug or instrumentation
+    mode, a stand-in kernel, an argument type the key does not know."""
+    stream_of = _direct_launch_possible(kernel)
+    if stream_of is None:
+        return kernel[grid](*args, **constexprs, **options)
+    device = torch.cuda.current_device()
+    try:
+        key = (kernel, device, tuple(options.items()), tuple(constexprs.items()), _arg_key(kernel, args))
+    except TypeError:
+        return kernel[grid](*args, **constexprs, **options)
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs, **options)
+        tail = _constexpr_tail(kernel, len(args), constexprs)
+        if tail is not None and hasattr(compiled, "packed_metadata"):
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.clear()
+            _COMPILED[key] = (compiled, tail)
+        return compiled
+    compiled, tail = entry
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream_of(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    return compiled
+
+
+def _direct_launch_possible(kernel):
+    """The active driver's stream getter where _run may launch `kernel` directly, else None."""
+    if interpreting() or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks:
+        return None
+    runtime = knobs.runtime
+    if (runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or runtime.debug
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None
+            or knobs.compilation.instrumentation_mode):
+        return None
+    return driver.active.get_current_stream
+
+
+def _arg_key(kernel, args) -> tuple:
+    """What Triton specializes a compiled kernel on, or finer: a tensor's dtype and 16-byte
+    alignment; a bool's value; an int's value, or only whether it fits 32 bits for parameters the
+    kernel does not specialize on (seed, win_left, ...); a float's type (never specialized).
+    TypeError for any other argument."""
+    unspecialized = _unspecialized(kernel)
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor
+                  else (int, a in _I32) if type(a) is int and i in unspecialized
+                  else (type(a), a) if type(a) in (int, bool)
+                  else float if type(a) is float
+                  else _no_key(a) for i, a in enumerate(args)])
+
+
+def _no_key(a):
+    raise TypeError(f"no launch key for a {type(a).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _unspecialized(kernel) -> frozenset:
+    """Positions of the kernel's do_not_specialize parameters."""
+    return frozenset(p.num for p in kernel.params if p.do_not_specialize)
+
+
+def _constexpr_tail(kernel, n_args: int, constexprs: dict):
+    """The constexprs' values in the kernel's parameter order, as JITFunction.run passes every
+    bound argument to the launcher; None unless the signature is n_args positional parameters
+    followed by exactly these constexprs (no defaults to fill in)."""
+    later = kernel.params[n_args:]
+    if (len(kernel.params) < n_args or any(p.is_constexpr for p in kernel.params[:n_args])
+            or [p.name for p in later] != [p.name for p in later if p.is_constexpr]
+            or {p.name for p in later} != set(constexprs)):
+        return None
+    return tuple(constexprs[p.name] for p in later)
 
 
 def _forward(q, k, v, pb: _Problem):
@@ -391,8 +482,8 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     on_gpu = q.device.type == "cuda"
     if on_gpu:
         caller, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    tk._bwd_delta_kernel[(_cdiv(nq, 64), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, nq, D, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+    _run(tk._bwd_delta_kernel, (_cdiv(nq, 64), B * H), (o, do, delta, *o.stride(), *do.stride(), H, nq, D),
+         dict(BLOCK_M=64, BLOCK_D=flags["BLOCK_D"]))
     if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
         side.wait_stream(caller)
     t = pb.config.dkdv

@@ -338,6 +338,117 @@ def test_launch_falls_back_to_fewer_stages_where_shared_memory_runs_out(monkeypa
         a._launch(Kernel(fits=0), (1,), a.Tile(64, 128, 8, 2), BLOCK_M=64)
 
 
+def _jit_stand_in(BUF, n, seed, BLOCK: tl.constexpr):   # a signature for the launch-key tests below
+    pass
+
+
+def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypatch):
+    """attention._run launches through Triton once per launch key, then calls the compiled kernel's
+    launcher with every argument in signature order; a change Triton specializes on (an int's value,
+    a tensor's alignment or dtype, an argument's type) or a launch hook goes through Triton again."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    kernel = triton.runtime.jit.JITFunction(_jit_stand_in, do_not_specialize=["seed"])
+    compiles, launches = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *launch):
+            launches.append(launch)
+
+    def through_triton(*args, grid, warmup, **kwargs):
+        compiles.append((args, kwargs))
+        return Compiled()
+
+    class Driver:
+        class active:
+            get_current_stream = staticmethod(lambda device: f"stream of {device}")
+    monkeypatch.setattr(kernel, "run", through_triton)
+    monkeypatch.setattr(a, "_COMPILED", {})
+    monkeypatch.setattr(a, "interpreting", lambda: False)
+    monkeypatch.setattr(a, "driver", Driver)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    buf = torch.zeros(64, dtype=torch.float16)
+
+    def run(*args, dtype_buf=buf):
+        a._run(kernel, (3, 2), (dtype_buf, *args), {"BLOCK": 64}, num_warps=4)
+        return len(compiles), len(launches)
+
+    assert run(16, 5) == (1, 0)   # first: through Triton
+    assert run(16, 5) == (1, 1)
+    assert launches[-1] == (3, 2, 1, "stream of 0", "function", "metadata", None, None, None, buf, 16, 5, 64)
+    assert run(16, 2**20) == (1, 2)   # seed is not specialized on: its value is not in the key
+    assert run(16, 2**40) == (2, 2)   # ... but its type is (i64)
+    assert run(17, 5) == (3, 2)
+    assert run(16.0, 5) == (4, 2)
+    assert run(16, 5, dtype_buf=buf[1:]) == (5, 2)   # 2-byte aligned
+    assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (6, 2)
+    hook = lambda metadata: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert run(16, 5) == (7, 2)   # a profiler's hook: Triton's path, which calls it
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert run(16, 5) == (7, 3)
+
+
+def test_every_kernel_launch_of_a_call_has_a_direct_launch_form(monkeypatch, device):
+    """The launches of a forward and backward (all four kernels, with and without masks and
+    dropout) pass positional arguments then exactly the kernel's constexprs, the form
+    attention._run needs to call a compiled kernel itself (otherwise it silently keeps Triton's
+    slower path)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    seen = {}
+    run = a._run
+
+    def spy(kernel, grid, args, constexprs, **options):
+        seen.setdefault(getattr(kernel, "fn", kernel).__name__, []).append((kernel, len(args), constexprs))
+        return run(kernel, grid, args, constexprs, **options)
+    monkeypatch.setattr(a, "_run", spy)
+    for case in (Case(seqlen_q=40, seqlen_k=50, causal=True),
+                 Case(seqlen_q=40, seqlen_k=50, mask="additive", dropout_p=0.3, seed=4, key_lengths=(30,))):
+        x = case.inputs(device)
+        _grads(x.q, x.k, x.v, x.do, causal=case.causal, attn_mask=x.attn_mask, dropout_p=case.dropout_p,
+               seed=case.seed, key_lengths=x.key_lengths)
+    assert set(seen) == {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for name, launches in seen.items():
+        for kernel, n_args, constexprs in launches:
+            jit = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(kernel.fn)
+            assert a._constexpr_tail(jit, n_args, constexprs) is not None, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches exist on a GPU only")
+def test_direct_launches_give_the_results_of_tritons_launches(monkeypatch, device):
+    """attention._run's direct launches (after the first of a launch key) give Triton's own bits,
+    also for inputs 2 bytes off 16-byte alignment after aligned ones of the same shape: Triton
+    compiles those without its aligned-load assumption, and the direct path must not reuse the
+    aligned kernel for them."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    x = Case(heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=257, head_dim=64, causal=True).inputs(device)
+    kw = dict(causal=True, dropout_p=0.2, seed=5)
+
+    def off_alignment(t):
+        view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        return view.copy_(t)
+
+    def grads(q, k, v):   # no clone: a clone would be aligned again
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o = attention(q, k, v, **kw)
+        o.backward(x.do)
+        return o, q.grad, k.grad, v.grad
+    shifted = [off_alignment(t) for t in (x.q, x.k, x.v)]
+    assert all(t.data_ptr() % 16 for t in shifted)
+    runs = {}
+    for path in ("direct", "triton"):
+        if path == "triton":
+            monkeypatch.setattr(a, "_direct_launch_possible", lambda kernel: None)
+        grads(x.q, x.k, x.v), grads(*shifted)   # the first launches of each key go through Triton
+        runs[path] = (grads(x.q, x.k, x.v), grads(*shifted))
+    for inputs, direct, triton_path in zip(("aligned", "off alignment"), runs["direct"], runs["triton"]):
+        for name, first, again in zip(("O", "dQ", "dK", "dV"), direct, triton_path):
+            assert torch.equal(first, again), f"{name} of {inputs} inputs: direct launch differs from Triton's"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter has no pipeline stages")
 def test_stages_do_not_change_results(monkeypatch, device):
     """The stage fallback of _launch is exact: every tile with 1 stage gives the tuned tile's bits."""
