@@ -6,11 +6,11 @@
 #            three shapes took over 200 s on an H200, FlexAttention at 16K unfinished)
 #   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
 #   grid-vs-profile  the fp16 D=128 dense N=1K config timed by the grid's test alone, then by profile_call.py:
-#            the grid had our forward at 0.82-0.91 of FlexAttention there, profile_call at 1.29-1.30 (session 12)
+#            (session 12's grid: 0.82 of FlexAttention there, profile_call 1.29; alone, session 13: 1.04 and 1.06)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
-#   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11)
+#   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13)
 #   props-thorough  the thorough profile on the bundled kernel, 8 shards on 16 workers, cut at 455 s
 #            (H200: 121 of its 128 tests finish): the check of a kernel change that fits one call
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
@@ -36,7 +36,7 @@ for step in "$@"; do
     host-cost)
       timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host-cost.log" ;;
     grid-vs-profile)
-      python3 benchmarks/test_speed.py -k fp16 >/dev/null 2>&1   # compile first, as the grid's step does
+      python3 benchmarks/test_speed.py -k "fp16 and D128 and dense and N1K" >/dev/null 2>&1   # compile first, as the grid's step does
       timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/test_speed.py -k "fp16 and D128 and dense and N1K" \
         --benchmark-json="$OUT/grid-alone.json" --benchmark-disable-gc >"$OUT/grid-alone.log" 2>&1
       python3 benchmarks/summarize.py "$OUT/grid-alone.json" | tee "$OUT/grid-alone.txt"

@@ -8,33 +8,29 @@ Run: python benchmarks/profile_call.py [D N causal ...]   (default: 64 1024 0  1
 FlexAttention compiles first, in parallel processes (test_speed._compile_one), as in the speed grid.
 """
 
-import statistics
 import sys
-import time
 
 import torch
 
 from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's implementations, inputs
-from timing import call_sync_ms, host_us
+from timing import call_sync_ms, call_sync_rounds, host_us, percentiles
 
 PROFILED = ("flashverify", "sdpa-cudnn", "flex")
 
 
 def _call_sync_split(fn, rounds=100):
-    """Medians over call + synchronize rounds of: the host's time until the call returns (us), the
-    whole round (ms), and the GPU time of its kernels (ms, torch's profiler, summed per round).
-    Why: the speed grid's call+sync time at N=1K was 0.1-0.3 ms above do_bench's kernel time, and
-    only this split says whether that is host time, kernel time, or neither (the gap between)."""
-    host, total = [], []
+    """Call + synchronize rounds split: percentiles (10/50/90) of the host's time until the call
+    returns (us) and of the whole round (ms), without the profiler; then the GPU time of the
+    round's kernels (ms, torch's profiler, summed per round). Why: the speed grid's call+sync
+    time at N=1K was 0.1-0.3 ms above do_bench's kernel time and varied between rounds by as
+    much; this says whether that follows host time, kernel time, or neither (the gap between)."""
+    split = call_sync_rounds(fn, warmup_s=0.0, timed_s=0.0, min_calls=rounds)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(rounds):
-            t = time.perf_counter()
             fn()
-            host.append((time.perf_counter() - t) * 1e6)
             torch.cuda.synchronize()
-            total.append((time.perf_counter() - t) * 1e3)
     kernels = sum(e.self_device_time_total for e in prof.key_averages()) / rounds / 1e3   # each kernel once
-    return statistics.median(host), statistics.median(total), kernels
+    return percentiles([h for h, _ in split]), percentiles([t for _, t in split]), kernels
 
 
 def profile(d, n, causal):
@@ -58,8 +54,9 @@ def profile(d, n, causal):
             print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync {step:.3f} ms,"
                   f" back-to-back {gpu:.3f} ms, host {host:.0f} us/call", flush=True)
             ret, total, kernels = _call_sync_split(call)
-            print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync split: host"
-                  f" {ret:.0f} us until the call returns, round {total:.3f} ms, kernels {kernels:.3f} ms", flush=True)
+            print(f"{name:12s} {direction} D{d} N{n} {'causal' if causal else 'dense '}: call+sync split (p10/p50/p90):"
+                  f" host until the call returns {'/'.join(f'{x:.0f}' for x in ret)} us,"
+                  f" round {'/'.join(f'{x:.3f}' for x in total)} ms; kernels {kernels:.3f} ms", flush=True)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):

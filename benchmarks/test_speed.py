@@ -4,7 +4,7 @@ Grid (issue 8): fp16 and bf16, D in {64, 128}, dense and causal, N in {1K, 4K, 1
 sequences of H = 16 heads, so every N does the same number of tokens), forward and backward;
 implementations: flashverify, SDPA flash / efficient / cuDNN, FlexAttention (compiled).
 
-Run: python benchmarks/test_speed.py [-k fp16] (compiles the grid's Triton and FlexAttention
+Run: python benchmarks/test_speed.py [-k fp16] [-k "fp16 and D128 and N1K"] (compiles the grid's Triton and FlexAttention
 kernels in parallel processes: compiling is not timed, and the timed run then finds them in the
 disk caches), pytest benchmarks/test_speed.py --benchmark-json=bench.json, then
 python benchmarks/summarize.py bench.json [--floors floors.json] for TFLOP/s and ratios.
@@ -151,6 +151,15 @@ def test_speed(benchmark, impl, direction, dtype, d, causal, n):
                                 back_to_back_s=back_to_back, tflops_back_to_back=f / back_to_back / 1e12)
 
 
+def compiled_configs(expression=""):
+    """The (impl, dtype, d, causal, n) configs to compile first: ours and FlexAttention's (Triton,
+    compiled per shape) matching a -k expression, an "and" of words such as "fp16 and D128"."""
+    words = expression.replace(" and ", " ").split()
+    return [(impl, dtype, d, causal, n) for impl in ("flashverify", "flex") for dtype in DTYPES for d in DS
+            for causal in CAUSAL for n in NS
+            if all(w in (DTYPE_IDS[dtype], f"D{d}", "causal" if causal else "dense", f"N{n // 1024}K") for w in words)]
+
+
 def _compile_one(config):
     """Run one grid config forward and backward once: fills Triton's and inductor's disk caches."""
     impl, dtype, d, causal, n = config
@@ -170,9 +179,10 @@ if __name__ == "__main__":
 
     if not torch.cuda.is_available():
         sys.exit("test_speed.py compiles the grid's kernels for a GPU: no CUDA device here")
-    only = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
-    configs = [(impl, dtype, d, causal, n) for impl in ("flashverify", "flex") for dtype in DTYPES for d in DS
-               for causal in CAUSAL for n in NS if only in DTYPE_IDS[dtype]]
+    configs = compiled_configs(sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else "")
+    if not configs:
+        sys.exit(f"-k {sys.argv[sys.argv.index('-k') + 1]!r} matches no config (an 'and' of fp16/bf16, D64/D128,"
+                 " dense/causal, N1K/N4K/N16K)")
     start = time.time()
     with mp.get_context("spawn").Pool(min(14, os.cpu_count() or 1)) as pool:
         problems = [p for p in pool.imap_unordered(_compile_one, configs) if p]

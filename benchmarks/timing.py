@@ -3,7 +3,8 @@
 Three questions, three timers:
 
 * call_sync_ms: how long a caller waits for one call. Each call is followed by a synchronize,
-  and the median is taken over rounds, so host time counts as it does in the speed grid.
+  and the median is taken over rounds, so host time counts as it does in the speed grid
+  (call_sync_rounds: each round's time and the host's share of it).
 * back_to_back_ms: time per call while calls queue back to back, one synchronize per batch. In
   steady state that is the larger of host and GPU time per call: what a training loop sees, and
   how FlashAttention's benchmark scripts time (torch.utils.benchmark: a synchronize per block of
@@ -26,17 +27,31 @@ def _cuda_synchronize():
     torch.cuda.synchronize()
 
 
-def call_sync_ms(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cuda_synchronize):
-    """Median ms of call + synchronize, over at least timed_s and min_calls calls after warmup_s
-    of calls."""
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < warmup_s + timed_s or len(times) < min_calls:
+def call_sync_rounds(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cuda_synchronize):
+    """Per timed round of call + synchronize: (us until the call returned, ms until the
+    synchronize returned), over at least timed_s and min_calls calls after warmup_s of calls.
+    Why both: at N=1K a round's time varies by more than the host time a change saves, and only
+    the host's share per round says whether the spread follows the host or the GPU."""
+    rounds, start = [], time.perf_counter()
+    while time.perf_counter() - start < warmup_s + timed_s or len(rounds) < min_calls:
         t = time.perf_counter()
         call()
+        returned = time.perf_counter()
         synchronize()
         if t - start >= warmup_s:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+            rounds.append(((returned - t) * 1e6, (time.perf_counter() - t) * 1e3))
+    return rounds
+
+
+def call_sync_ms(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cuda_synchronize):
+    """Median ms of call + synchronize (call_sync_rounds): how long a caller waits for one call."""
+    return statistics.median(total for _, total in call_sync_rounds(call, warmup_s, timed_s, min_calls, synchronize))
+
+
+def percentiles(values, ps=(10, 50, 90)):
+    """The values' ps-th percentiles (nearest rank), for a spread in one line."""
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))] for p in ps]
 
 
 def back_to_back_ms(call, timed_s=0.25, batches=3, synchronize=_cuda_synchronize):

@@ -348,7 +348,7 @@ def _launch(kernel, grid, tile: Tile, *args, **constexprs):
 # process launches, emptied past _COMPILED_MAX (random shapes in a long property run).
 _COMPILED: dict = {}
 _COMPILED_MAX = 4096
-_I32 = range(-2**31, 2**31)
+_I32, _I64 = range(-2**31, 2**31), range(-2**63, 2**63)   # Triton's int types: i32, i64, else u64
 
 
 def _run(kernel, grid, args, constexprs, **options):
@@ -399,12 +399,12 @@ def _direct_launch_possible(kernel):
 
 def _arg_key(kernel, args) -> tuple:
     """What Triton specializes a compiled kernel on, or finer: a tensor's dtype and 16-byte
-    alignment; a bool's value; an int's value, or only whether it fits 32 bits for parameters the
-    kernel does not specialize on (seed, win_left, ...); a float's type (never specialized).
+    alignment; a bool's value; an int's value, or only its type (i32, i64, u64) for parameters
+    the kernel does not specialize on (seed, win_left, ...); a float's type (never specialized).
     TypeError for any other argument."""
     unspecialized = _unspecialized(kernel)
     return tuple([(a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor
-                  else (int, a in _I32) if type(a) is int and i in unspecialized
+                  else (int, a in _I32, a in _I64) if type(a) is int and i in unspecialized
                   else (type(a), a) if type(a) in (int, bool)
                   else float if type(a) is float
                   else _no_key(a) for i, a in enumerate(args)])

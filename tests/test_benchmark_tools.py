@@ -163,6 +163,20 @@ def test_call_sync_ms_takes_at_least_min_calls():
     assert clock.calls == 25
 
 
+def test_call_sync_rounds_split_each_round_into_the_host_share_and_the_whole():
+    clock = _Clock(0.002, sync_s=0.003)
+    rounds = timing.call_sync_rounds(clock.call, warmup_s=0.0, timed_s=0.0, min_calls=6, synchronize=clock.synchronize)
+    assert len(rounds) == 6
+    for host_us, round_ms in rounds:
+        assert 2000 <= host_us < 2000 + 10000 and 5.0 <= round_ms < 20.0 and round_ms * 1e3 > host_us
+
+
+def test_percentiles_are_nearest_rank():
+    assert timing.percentiles(range(1, 101)) == [10, 50, 90]
+    assert timing.percentiles([3.0]) == [3.0, 3.0, 3.0]
+    assert timing.percentiles([5, 1, 4, 2, 3], ps=(0, 100)) == [1, 5]
+
+
 def test_host_us_counts_host_time_per_call_and_synchronizes_only_between_batches():
     clock = _Clock(0.001, sync_s=0.2)
     us = timing.host_us(clock.call, calls=20, batches=3, synchronize=clock.synchronize)
@@ -192,3 +206,18 @@ def test_the_speed_grid_runs_light_configs_first_and_a_configs_implementations_t
     configs = ["-".join(i.split("-")[:5]) for i in ids]   # N, direction, dtype, D, mask; then the implementation
     for at in range(0, len(ids), 5):
         assert len(set(configs[at:at + 5])) == 1, f"implementations of {configs[at]} are not together"
+
+
+def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # test_speed imports timing
+    try:
+        speed = _tool("test_speed")
+    finally:
+        sys.path.pop(0)
+    assert len(speed.compiled_configs()) == 2 * 2 * 2 * 2 * 3          # ours and FlexAttention, every config
+    assert len(speed.compiled_configs("fp16")) == 2 * 2 * 2 * 3
+    one = speed.compiled_configs("fp16 and D128 and dense and N1K")
+    assert [(impl, d, causal, n) for impl, _, d, causal, n in one] == [("flashverify", 128, False, 1024),
+                                                                       ("flex", 128, False, 1024)]
+    assert speed.compiled_configs("fp16 and N2K") == []

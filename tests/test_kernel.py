@@ -379,17 +379,18 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypa
     assert launches[-1] == (3, 2, 1, "stream of 0", "function", "metadata", None, None, None, buf, 16, 5, 64)
     assert run(16, 2**20) == (1, 2)   # seed is not specialized on: its value is not in the key
     assert run(16, 2**40) == (2, 2)   # ... but its type is (i64)
-    assert run(17, 5) == (3, 2)
-    assert run(16.0, 5) == (4, 2)
-    assert run(16, 5, dtype_buf=buf[1:]) == (5, 2)   # 2-byte aligned
-    assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (6, 2)
+    assert run(16, 2**63) == (3, 2)   # (u64)
+    assert run(17, 5) == (4, 2)
+    assert run(16.0, 5) == (5, 2)
+    assert run(16, 5, dtype_buf=buf[1:]) == (6, 2)   # 2-byte aligned
+    assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (7, 2)
     hook = lambda metadata: None  # noqa: E731
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        assert run(16, 5) == (7, 2)   # a profiler's hook: Triton's path, which calls it
+        assert run(16, 5) == (8, 2)   # a profiler's hook: Triton's path, which calls it
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert run(16, 5) == (7, 3)
+    assert run(16, 5) == (8, 3)
 
 
 def test_every_kernel_launch_of_a_call_has_a_direct_launch_form(monkeypatch, device):
