@@ -7,6 +7,7 @@
 #   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
 #   grid-vs-profile  the fp16 D=128 dense N=1K config timed by the grid's test alone, then by profile_call.py:
 #            (session 12's grid: 0.82 of FlexAttention there, profile_call 1.29; alone, session 13: 1.04 and 1.06)
+#   process-context  ours at N=1K before and after FlexAttention ran in the process (benchmarks/process_context.py, ~1 min)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
@@ -42,6 +43,8 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/grid-alone.json" | tee "$OUT/grid-alone.txt"
       python3 benchmarks/summarize.py "$OUT/grid-alone.json" --back-to-back | tee -a "$OUT/grid-alone.txt"
       timeout 200 python3 benchmarks/profile_call.py 128 1024 0 2>&1 | tee "$OUT/profile-128-1024.log" | grep -E "call\+sync" ;;
+    process-context)
+      timeout 200 python3 benchmarks/process_context.py 2>&1 | tee "$OUT/process-context.log" ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
@@ -96,7 +99,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile ab ab-call-sync tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context ab ab-call-sync tests tests-kernel golden gate report" \
          "props-release-1 props-release-2 props-release-3 props-thorough props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

@@ -1,0 +1,76 @@
+"""Does our call + synchronize time at N=1K depend on what the process ran before (GPU only)?
+
+Why: the speed grid times ours at the D=64 causal N=1K forward at 0.47-0.49 ms (sessions 12-13),
+ab_kernel.py --call-sync the same call at 0.36-0.38 ms, on other instances. In the grid every
+config but the first runs in a process where FlexAttention (torch.compile, inductor and its
+worker threads and processes) has run; profile_call.py and the grid's first test time ours before
+FlexAttention runs in the process, and they agree with ab_kernel.py. This times ours before and
+after FlexAttention runs in this process, alternating with FlexAttention and cuDNN, on one
+instance, and lists the threads the process has at each stage.
+
+Run: python benchmarks/process_context.py   (about 1 min; FlexAttention compiles in a subprocess first)
+"""
+
+import sys
+import threading
+
+import torch
+
+from test_speed import IMPLS, TOKENS, _compile_one, _inputs   # the speed grid's implementations, inputs
+from timing import call_sync_rounds, percentiles
+
+CONFIGS = ((64, True), (128, False))   # (D, causal) at N = 1K: where the grid and ab_kernel.py disagree most
+N = 1024
+
+
+def _forward(name, q, k, v, causal):
+    fn = IMPLS[name]
+
+    def call():
+        with torch.no_grad():
+            fn(q, k, v, causal)
+    return call
+
+
+def _line(label, call):
+    call()
+    torch.cuda.synchronize()
+    rounds = call_sync_rounds(call, warmup_s=0.2, timed_s=0.5)
+    host = percentiles([h for h, _ in rounds])
+    total = percentiles([t for _, t in rounds])
+    print(f"  {label:34s} round p10/p50/p90 {'/'.join(f'{x:.3f}' for x in total)} ms;"
+          f" host until return {'/'.join(f'{x:.0f}' for x in host)} us", flush=True)
+
+
+def _threads(stage):
+    names = sorted(t.name for t in threading.enumerate())
+    print(f"threads {stage}: {len(names)}: {', '.join(names)}", flush=True)
+
+
+def main():
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(len(CONFIGS)) as pool:   # FlexAttention's compiles fill the disk caches
+        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, N) for d, c in CONFIGS]):
+            if problem:
+                print(problem)
+    inputs = {cfg: _inputs(TOKENS // N, N, cfg[0], torch.float16) for cfg in CONFIGS}
+    _threads("before FlexAttention runs here")
+    for (d, causal), (q, k, v) in inputs.items():
+        print(f"D{d} {'causal' if causal else 'dense'} N{N} forward, fp16:", flush=True)
+        _line("ours, FlexAttention not yet run", _forward("flashverify", q, k, v, causal))
+        _line("cuDNN, FlexAttention not yet run", _forward("sdpa-cudnn", q, k, v, causal))
+    for (d, causal), (q, k, v) in inputs.items():   # FlexAttention now runs in this process
+        _forward("flex", q, k, v, causal)()
+    torch.cuda.synchronize()
+    _threads("after FlexAttention ran here")
+    for (d, causal), (q, k, v) in inputs.items():
+        print(f"D{d} {'causal' if causal else 'dense'} N{N} forward, fp16, after FlexAttention ran:", flush=True)
+        for turn in range(2):
+            for name in ("flashverify", "flex", "sdpa-cudnn"):
+                _line(f"{name} (turn {turn + 1})", _forward(name, q, k, v, causal))
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("process_context.py times CUDA calls: no CUDA device here")
+    main()
