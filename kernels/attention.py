@@ -360,8 +360,8 @@ def _run(kernel, grid, args, constexprs, **options):
     kernel's launcher alone (benchmarks/host_cost.py), and a call + synchronize at N=1K waits for
     it. The first launch of a key goes through JITFunction.run, which compiles (or finds) the
     kernel and returns it; later launches call it as JITFunction.run would. Triton's own path is
-    taken for anything else: the interpreter, a launch hook (profilers), debug or instrumentation
-    mode, a stand-in kernel, an argument type the key does not know."""
+    taken for anything else: the interpreter, torch.compile's tracing, a launch hook (profilers),
+    debug or instrumentation mode, a stand-in kernel, an argument type the key does not know."""
     stream_of = _direct_launch_possible(kernel)
     if stream_of is None:
         return kernel[grid](*args, **constexprs, **options)
@@ -386,8 +386,11 @@ def _run(kernel, grid, args, constexprs, **options):
 
 
 def _direct_launch_possible(kernel):
-    """The active driver's stream getter where _run may launch `kernel` directly, else None."""
-    if interpreting() or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks:
+    """The active driver's stream getter where _run may launch `kernel` directly, else None
+    (also while torch.compile traces: it captures kernel[grid](...) as a user-defined Triton
+    kernel, not a call of a compiled kernel's launcher)."""
+    if (interpreting() or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks
+            or torch.compiler.is_compiling()):
         return None
     runtime = knobs.runtime
     if (runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or runtime.debug

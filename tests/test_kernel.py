@@ -391,6 +391,8 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypa
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
     assert run(16, 5) == (8, 3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert run(16, 5) == (9, 3)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
 
 
 def test_every_kernel_launch_of_a_call_has_a_direct_launch_form(monkeypatch, device):
