@@ -113,9 +113,8 @@ DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 #   config's N=16K tests, and the first implementation timed there (ours) ran slow for the whole
 #   test: fp16 D=128 dense N=1K forward 0.946 ms in the grid, 0.747 ms in a run of that config
 #   alone on the next instance, with the other implementations less slowed the later they ran
-#   (sdpa-flash +9 %, sdpa-efficient +7 %, cuDNN +4 %, FlexAttention, last, 0 %), as if the GPU
-#   were still recovering from the heavy tests before (H200, session 13). Now the N=1K configs
-#   run first and each N=16K config follows another.
+#   (sdpa-flash +9 %, sdpa-efficient +7 %, cuDNN +4 %, FlexAttention, last, 0 %; H200, session
+#   13, cause not measured). Now the N=1K configs run first and each N=16K config follows another.
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("causal", CAUSAL, ids=["dense", "causal"])
 @pytest.mark.parametrize("d", DS, ids=["D64", "D128"])
