@@ -313,7 +313,7 @@ def _edges(pb: _Problem, nk: int, block_n: int | None = None) -> bool:
 def _logl_offset(rows: int) -> int:
     """Where the row statistics' log l starts (after the row max): padded to a multiple of 16
     floats, so its loads stay aligned and Triton compiles one kernel for every B * H * Nq."""
-    return -(-rows // 16) * 16
+    return _cdiv(rows, 16) * 16
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -362,26 +362,25 @@ def _run(kernel, grid, args, constexprs, **options):
     kernel and returns it; later launches call it as JITFunction.run would. Triton's own path is
     taken for anything else: the interpreter, torch.compile's tracing, a launch hook (profilers),
     debug or instrumentation mode, a stand-in kernel, an argument type the key does not know."""
-    stream_of = _direct_launch_possible(kernel)
-    if stream_of is None:
-        return kernel[grid](*args, **constexprs, **options)
-    device = torch.cuda.current_device()
-    try:
-        key = (kernel, device, tuple(options.items()), tuple(constexprs.items()), _arg_key(kernel, args))
-    except TypeError:
-        return kernel[grid](*args, **constexprs, **options)
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, **constexprs, **options)
-        tail = _constexpr_tail(kernel, len(args), constexprs)
-        if tail is not None and hasattr(compiled, "packed_metadata"):
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.clear()
-            _COMPILED[key] = (compiled, tail)
+    stream_of, key = _direct_launch_possible(kernel), None
+    if stream_of is not None:
+        device = torch.cuda.current_device()
+        try:
+            key = (kernel, device, tuple(options.items()), tuple(constexprs.items()), _arg_key(kernel, args))
+        except TypeError:
+            pass
+    entry = _COMPILED.get(key) if key is not None else None
+    if entry is not None:
+        compiled, tail = entry
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream_of(device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
-    compiled, tail = entry
-    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream_of(device),
-                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    compiled = kernel[grid](*args, **constexprs, **options)
+    tail = _constexpr_tail(kernel, len(args), constexprs) if key is not None else None
+    if tail is not None and hasattr(compiled, "packed_metadata"):
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
+        _COMPILED[key] = (compiled, tail)
     return compiled
 
 
