@@ -37,7 +37,9 @@ def main():
     a = importlib.import_module("flashverify.kernels.attention")
     tk = a.tk
     q, k, v, do = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.float16) for _ in range(4))
-    pb = a._check(q, k, v, False, "top_left", None, None, None, None, 0.0, None, False, None)
+    def check():   # attention()'s checks of a plain call: causal=False, no mask, window, dropout
+        return a._check(q, k, v, False, "top_left", None, None, None, None, 0.0, None, False, None)
+    pb = check()
     o, lse, stats = a._forward(q, k, v, pb)
     print(f"torch {torch.__version__}, triton {importlib.import_module('triton').__version__}, "
           f"{torch.cuda.get_device_name()}; host us per call (B = H = 1, N = 128, D = 128, fp16)", flush=True)
@@ -47,7 +49,7 @@ def main():
 
     with torch.no_grad():
         row("attention() forward, no_grad", lambda: a.attention(q, k, v))
-    row("_check", lambda: a._check(q, k, v, False, "top_left", None, None, None, None, 0.0, None, False, None))
+    row("_check", check)
     row("_forward", lambda: a._forward(q, k, v, pb))
     row("_backward", lambda: a._backward(q, k, v, o, stats, do, pb))
     row("torch.empty_like x1", lambda: torch.empty_like(q))

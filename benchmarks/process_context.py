@@ -16,28 +16,21 @@ import threading
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _compile_one, _inputs   # the speed grid's implementations, inputs
-from timing import call_sync_rounds, percentiles
+from test_speed import IMPLS, TOKENS, _compile_one, _inputs, forward_call   # the speed grid's calls
+from timing import call_sync_percentiles
 
 CONFIGS = ((64, True), (128, False))   # (D, causal) at N = 1K: where the grid and ab_kernel.py disagree most
 N = 1024
 
 
 def _forward(name, q, k, v, causal):
-    fn = IMPLS[name]
-
-    def call():
-        with torch.no_grad():
-            fn(q, k, v, causal)
-    return call
+    return forward_call(IMPLS[name], q, k, v, causal)
 
 
 def _line(label, call):
     call()
     torch.cuda.synchronize()
-    rounds = call_sync_rounds(call, warmup_s=0.2, timed_s=0.5)
-    host = percentiles([h for h, _ in rounds])
-    total = percentiles([t for _, t in rounds])
+    host, total = call_sync_percentiles(call, warmup_s=0.2, timed_s=0.5)
     print(f"  {label:34s} round p10/p50/p90 {'/'.join(f'{x:.3f}' for x in total)} ms;"
           f" host until return {'/'.join(f'{x:.0f}' for x in host)} us", flush=True)
 

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's implementations, inputs
-from timing import call_sync_ms, call_sync_rounds, host_us, percentiles
+from test_speed import IMPLS, TOKENS, _compile_one, _inputs, forward_call, gradients   # the speed grid's calls
+from timing import call_sync_ms, call_sync_percentiles, host_us
 
 PROFILED = ("flashverify", "sdpa-cudnn", "flex")
 
@@ -24,13 +24,13 @@ def _call_sync_split(fn, rounds=100):
     round's kernels (ms, torch's profiler, summed per round). Why: the speed grid's call+sync
     time at N=1K was 0.1-0.3 ms above do_bench's kernel time and varied between rounds by as
     much; this says whether that follows host time, kernel time, or neither (the gap between)."""
-    split = call_sync_rounds(fn, warmup_s=0.0, timed_s=0.0, min_calls=rounds)
+    host, total = call_sync_percentiles(fn, warmup_s=0.0, timed_s=0.0, min_calls=rounds)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(rounds):
             fn()
             torch.cuda.synchronize()
     kernels = sum(e.self_device_time_total for e in prof.key_averages()) / rounds / 1e3   # each kernel once
-    return percentiles([h for h, _ in split]), percentiles([t for _, t in split]), kernels
+    return host, total, kernels
 
 
 def profile(d, n, causal):
@@ -41,13 +41,9 @@ def profile(d, n, causal):
         o = fn(q, k, v, causal)
         do = torch.randn_like(o)
 
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v, causal)
-
         def bwd():
             gradients(o, (q, k, v), do)
-        for direction, call in (("fwd", fwd), ("bwd", bwd)):
+        for direction, call in (("fwd", forward_call(fn, q, k, v, causal)), ("bwd", bwd)):
             call()
             torch.cuda.synchronize()
             step, host, gpu = call_sync_ms(call), host_us(call, calls=50, batches=1), do_bench(call, warmup=5, rep=30)

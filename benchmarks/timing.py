@@ -48,6 +48,12 @@ def call_sync_ms(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cu
     return statistics.median(total for _, total in call_sync_rounds(call, warmup_s, timed_s, min_calls, synchronize))
 
 
+def call_sync_percentiles(call, warmup_s=0.1, timed_s=0.25, min_calls=10, synchronize=_cuda_synchronize):
+    """10th/50th/90th percentiles of call_sync_rounds: (us until the call returned, ms of the round)."""
+    rounds = call_sync_rounds(call, warmup_s, timed_s, min_calls, synchronize)
+    return percentiles([host for host, _ in rounds]), percentiles([total for _, total in rounds])
+
+
 def percentiles(values, ps=(10, 50, 90)):
     """The values' ps-th percentiles (nearest rank), for a spread in one line."""
     ordered = sorted(values)

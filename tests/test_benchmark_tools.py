@@ -102,7 +102,6 @@ def test_several_files_give_medians_and_the_range_of_ours_over_flex(tmp_path, ca
     assert cells[8] == "0.75-1.05"                 # ours/flex in the worst and the best run
 
 
-
 def test_back_to_back_reads_the_back_to_back_rates(tmp_path, capsys):
     summarize.main([_grid_file(tmp_path / "a.json", {"flashverify": 300.0, "flex": 400.0}), "--back-to-back"])
     out = capsys.readouterr().out
@@ -114,7 +113,6 @@ def test_back_to_back_of_a_grid_without_it_is_an_error_naming_the_file(tmp_path)
     path = _grid_file(tmp_path / "old.json", {"flashverify": 300.0}, back_to_back=False)
     with pytest.raises(SystemExit, match="old.json: no 'tflops_back_to_back'"):
         summarize.main([path, "--back-to-back"])
-
 
 
 def test_a_missing_or_broken_file_is_an_error_naming_it(tmp_path):
@@ -169,6 +167,14 @@ def test_call_sync_rounds_split_each_round_into_the_host_share_and_the_whole():
     assert len(rounds) == 6
     for host_us, round_ms in rounds:
         assert 2000 <= host_us < 2000 + 10000 and 5.0 <= round_ms < 20.0 and round_ms * 1e3 > host_us
+
+
+def test_call_sync_percentiles_are_those_of_the_rounds():
+    clock = _Clock(0.002, sync_s=0.003)
+    host, total = timing.call_sync_percentiles(clock.call, warmup_s=0.0, timed_s=0.0, min_calls=6,
+                                               synchronize=clock.synchronize)
+    assert len(host) == len(total) == 3 and host == sorted(host) and total == sorted(total)
+    assert 2000 <= host[0] and 5.0 <= total[0] and total[-1] * 1e3 > host[-1]
 
 
 def test_percentiles_are_nearest_rank():
