@@ -50,6 +50,8 @@ def main():
     with torch.no_grad():
         row("attention() forward, no_grad", lambda: a.attention(q, k, v))
     row("_check", check)
+    row("_checked (a plain call seen before: from memory)",
+        lambda: a._checked(q, k, v, False, "top_left", None, None, None, None, 0.0, None, False, None))
     row("_forward", lambda: a._forward(q, k, v, pb))
     row("_backward", lambda: a._backward(q, k, v, o, stats, do, pb))
     row("torch.empty_like x1", lambda: torch.empty_like(q))

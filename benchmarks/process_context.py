@@ -6,18 +6,23 @@ config but the first runs in a process where FlexAttention (torch.compile, induc
 worker threads and processes) has run; profile_call.py and the grid's first test time ours before
 FlexAttention runs in the process, and they agree with ab_kernel.py. This times ours before and
 after FlexAttention runs in this process, alternating with FlexAttention and cuDNN, on one
-instance, and lists the threads the process has at each stage.
+instance. At each stage it also prints the host's time of small pieces (a tree of plain Python
+calls, an allocation, our checks, forward and launch at a tiny problem) and the interpreter's
+state (threads, profile/trace/monitoring hooks, dynamo's frame callback, the GC): whether all
+Python code is slower after FlexAttention ran, or only ours, and why.
 
 Run: python benchmarks/process_context.py   (about 1 min; FlexAttention compiles in a subprocess first)
 """
 
+import gc
+import importlib
 import sys
 import threading
 
 import torch
 
 from test_speed import IMPLS, TOKENS, _compile_one, _inputs, forward_call   # the speed grid's calls
-from timing import call_sync_percentiles
+from timing import call_sync_percentiles, host_us
 
 CONFIGS = ((64, True), (128, False))   # (D, causal) at N = 1K: where the grid and ab_kernel.py disagree most
 N = 1024
@@ -35,9 +40,39 @@ def _line(label, call):
           f" host until return {'/'.join(f'{x:.0f}' for x in host)} us", flush=True)
 
 
-def _threads(stage):
-    names = sorted(t.name for t in threading.enumerate())
-    print(f"threads {stage}: {len(names)}: {', '.join(names)}", flush=True)
+def _leaf(x):
+    return x + 1
+
+
+def _inner(x):
+    return _leaf(x) + _leaf(x)
+
+
+def _python_calls(x=1):   # 7 Python calls, no torch: the interpreter's own call cost
+    return _inner(x) + _inner(x) + _inner(x)
+
+
+def _host_pieces(stage):
+    """Host us of small pieces, queued back to back (B = H = 1, N = 128: far below the host's time)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    q = torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.float16)
+    pb = a._check(q, q, q, False, "top_left", None, None, None, None, 0.0, None, False, None)
+    monitoring = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else None
+    dynamo = sys.modules.get("torch._dynamo")
+    callback = torch._C._dynamo.eval_frame.get_eval_frame_callback() if dynamo else "dynamo not imported"
+    print(f"state {stage}: threads {sorted(t.name for t in threading.enumerate())}; profile {sys.getprofile()},"
+          f" trace {sys.gettrace()}, monitoring tools {monitoring}; dynamo frame callback {callback};"
+          f" gc enabled {gc.isenabled()}, thresholds {gc.get_threshold()}, tracked objects {len(gc.get_objects())};"
+          f" switch interval {sys.getswitchinterval()} s; direct launch possible"
+          f" {a._direct_launch_possible(a.tk._fwd_kernel) is not None}", flush=True)
+    with torch.no_grad():
+        for name, fn in (("7 plain Python calls", _python_calls),
+                         ("torch.empty_like", lambda: torch.empty_like(q)),
+                         ("attention._check", lambda: a._check(q, q, q, False, "top_left", None, None, None, None,
+                                                               0.0, None, False, None)),
+                         ("attention._forward", lambda: a._forward(q, q, q, pb)),
+                         ("attention() forward, no_grad", lambda: a.attention(q, q, q))):
+            print(f"  host {stage}: {name:30s} {host_us(fn):8.2f} us", flush=True)
 
 
 def main():
@@ -47,7 +82,7 @@ def main():
             if problem:
                 print(problem)
     inputs = {cfg: _inputs(TOKENS // N, N, cfg[0], torch.float16) for cfg in CONFIGS}
-    _threads("before FlexAttention runs here")
+    _host_pieces("before FlexAttention runs here")
     for (d, causal), (q, k, v) in inputs.items():
         print(f"D{d} {'causal' if causal else 'dense'} N{N} forward, fp16:", flush=True)
         _line("ours, FlexAttention not yet run", _forward("flashverify", q, k, v, causal))
@@ -55,12 +90,13 @@ def main():
     for (d, causal), (q, k, v) in inputs.items():   # FlexAttention now runs in this process
         _forward("flex", q, k, v, causal)()
     torch.cuda.synchronize()
-    _threads("after FlexAttention ran here")
+    _host_pieces("after FlexAttention ran here")
     for (d, causal), (q, k, v) in inputs.items():
         print(f"D{d} {'causal' if causal else 'dense'} N{N} forward, fp16, after FlexAttention ran:", flush=True)
         for turn in range(2):
             for name in ("flashverify", "flex", "sdpa-cudnn"):
                 _line(f"{name} (turn {turn + 1})", _forward(name, q, k, v, causal))
+    _host_pieces("at the end")
 
 
 if __name__ == "__main__":

@@ -284,6 +284,37 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
         config=config)
 
 
+_PLAIN_PROBLEMS: dict = {}   # _check's results for plain calls (see _checked)
+_PLAIN_PROBLEMS_MAX = 1024
+
+
+def _checked(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+             dropout_p, seed, allow_tf32, blocks) -> _Problem:
+    """_check's result; for a plain call (no mask, key lengths, window, dropout or tile override)
+    from memory when a call with the same shapes, dtypes, devices and flags passed _check before.
+
+    Why: _check is 11-19 us of a forward's host time (H200's host, development CPU), and a call +
+    synchronize at N=1K waits for it. The key holds every value _check reads for such a call,
+    with its type (True and 1 hash alike), so a call gets the memory's answer only where _check
+    would give it; any other call goes through _check. Its problems hold no tensors."""
+    if not (attn_mask is None and key_lengths is None and window is None and blocks is None
+            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and type(causal) is bool and type(allow_tf32) is bool and type(causal_alignment) is str
+            and (scale is None or type(scale) is float) and type(dropout_p) in (float, int) and dropout_p == 0):
+        return _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                      dropout_p, seed, allow_tf32, blocks)
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+           causal, causal_alignment, scale, allow_tf32, interpreting())
+    pb = _PLAIN_PROBLEMS.get(key)
+    if pb is None:
+        pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                    dropout_p, seed, allow_tf32, blocks)
+        if len(_PLAIN_PROBLEMS) >= _PLAIN_PROBLEMS_MAX:
+            _PLAIN_PROBLEMS.clear()
+        _PLAIN_PROBLEMS[key] = pb
+    return pb
+
+
 def _mask_args(pb: _Problem, fallback):
     mask = pb.mask if pb.mask is not None else fallback
     strides = pb.mask.stride() if pb.mask is not None else (0, 0, 0, 0)
@@ -568,9 +599,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None
     Rows with no allowed key return O = 0, LSE = -inf, and zero gradients.
     The backward uses no atomics: gradients are bitwise deterministic.
     """
-    pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
-                dropout_p, seed, allow_tf32, blocks)
-    q, k, v = (_with_unit_last_stride(t) for t in (q, k, v))
+    pb = _checked(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                  dropout_p, seed, allow_tf32, blocks)
+    q, k, v = _with_unit_last_stride(q), _with_unit_last_stride(k), _with_unit_last_stride(v)
     with _on_device_of(q):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             o, lse = _FlashAttention.apply(q, k, v, pb)

@@ -396,6 +396,39 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypa
     assert run(16, 5) == (11, 3)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
 
 
+def test_plain_calls_reuse_the_problem_check_gave_them(monkeypatch, device):
+    """attention._checked gives a plain call (no mask, key lengths, window, dropout or tile
+    override) the problem _check gave the first call like it, and _check's own problem for any
+    change _check reads; calls that are not plain go through _check and are not remembered."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    monkeypatch.setattr(a, "_PLAIN_PROBLEMS", {})
+    x = Case(heads_q=4, heads_kv=2, seqlen_q=40, seqlen_k=50).inputs(device)
+    plain = dict(causal=False, causal_alignment="top_left", window=None, key_lengths=None, attn_mask=None,
+                 scale=None, dropout_p=0.0, seed=None, allow_tf32=False, blocks=None)
+
+    def both(q=x.q, k=x.k, v=x.v, **change):
+        return a._checked(q, k, v, **(plain | change)), a._check(q, k, v, **(plain | change))
+    first, checked = both()
+    assert first == checked and both()[0] is first
+    problems = {id(first)}
+    for change in (dict(causal=True), dict(causal=True, causal_alignment="bottom_right"), dict(scale=0.5),
+                   dict(allow_tf32=True), dict(dropout_p=0), dict(q=x.q[:, :, :32]), dict(k=x.k[:, :1], v=x.v[:, :1]),
+                   dict(q=x.q.float(), k=x.k.float(), v=x.v.float())):
+        remembered, checked = both(**change)
+        assert remembered == checked and both(**change)[0] is remembered, change
+        problems.add(id(remembered))
+    assert len(problems) == len(a._PLAIN_PROBLEMS) == 8   # dropout_p=0 is the plain call's problem
+    for change in (dict(window=(3, 0)), dict(dropout_p=0.25, seed=1), dict(blocks=(16, 16)),
+                   dict(attn_mask=x.q.new_ones(40, 50, dtype=torch.bool)),
+                   dict(key_lengths=torch.tensor([30], device=device))):
+        assert both(**change)[0] is not both(**change)[0], change   # checked afresh each time
+    assert len(a._PLAIN_PROBLEMS) == 8
+    for change, error in ((dict(causal=1), TypeError), (dict(dropout_p=False), ValueError),
+                          (dict(scale=True), ValueError), (dict(causal_alignment="top"), ValueError)):
+        with pytest.raises(error):   # what _check rejects, also after an equal-hashing call was remembered
+            a._checked(x.q, x.k, x.v, **(plain | change))
+
+
 def test_every_kernel_launch_of_a_call_has_a_direct_launch_form(monkeypatch, device):
     """The launches of a forward and backward (all four kernels, with and without masks and
     dropout) pass positional arguments then exactly the kernel's constexprs, the form
