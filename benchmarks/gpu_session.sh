@@ -7,7 +7,8 @@
 #   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
 #   grid-vs-profile  the fp16 D=128 dense N=1K config timed by the grid's test alone, then by profile_call.py:
 #            (session 12's grid: 0.82 of FlexAttention there, profile_call 1.29; alone, session 13: 1.04 and 1.06)
-#   process-context  ours at N=1K before and after FlexAttention ran in the process (benchmarks/process_context.py, ~1 min)
+#   process-context  ours at N=1K before and after FlexAttention ran in the process (benchmarks/process_context.py),
+#            with inductor's compile-worker pool, then without it (TORCHINDUCTOR_COMPILE_THREADS=1); ~3 min
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
@@ -43,8 +44,10 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/grid-alone.json" | tee "$OUT/grid-alone.txt"
       python3 benchmarks/summarize.py "$OUT/grid-alone.json" --back-to-back | tee -a "$OUT/grid-alone.txt"
       timeout 200 python3 benchmarks/profile_call.py 128 1024 0 2>&1 | tee "$OUT/profile-128-1024.log" | grep -E "call\+sync" ;;
-    process-context)
-      timeout 200 python3 benchmarks/process_context.py 2>&1 | tee "$OUT/process-context.log" ;;
+    process-context)   # as the grid runs (inductor's pool of compile workers), then without that pool
+      timeout 200 python3 benchmarks/process_context.py 2>&1 | tee "$OUT/process-context.log"
+      TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 python3 benchmarks/process_context.py 2>&1 \
+        | tee "$OUT/process-context-one-compile-thread.log" ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)

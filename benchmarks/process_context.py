@@ -11,13 +11,16 @@ calls, an allocation, our checks, forward and launch at a tiny problem) and the 
 state (threads, profile/trace/monitoring hooks, dynamo's frame callback, the GC): whether all
 Python code is slower after FlexAttention ran, or only ours, and why.
 
-Run: python benchmarks/process_context.py   (about 1 min; FlexAttention compiles in a subprocess first)
+Run: python benchmarks/process_context.py   (about 1.5 min; FlexAttention compiles in a subprocess first)
+     TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/process_context.py   (no pool of compile workers)
 """
 
 import gc
 import importlib
+import os
 import sys
 import threading
+import time
 
 import torch
 
@@ -26,6 +29,7 @@ from timing import call_sync_percentiles, host_us
 
 CONFIGS = ((64, True), (128, False))   # (D, causal) at N = 1K: where the grid and ab_kernel.py disagree most
 N = 1024
+SETTLE_S = 20
 
 
 def _forward(name, q, k, v, causal):
@@ -52,6 +56,30 @@ def _python_calls(x=1):   # 7 Python calls, no torch: the interpreter's own call
     return _inner(x) + _inner(x) + _inner(x)
 
 
+def _descendants():
+    """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0.0)
+    elsewhere). Why: FlexAttention's compile starts inductor's pool of compile workers (one per
+    core, each importing torch), and our host time was 20-30 % above its usual right after it ran."""
+    procs = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()   # after "pid (comm)": state, ppid, ...
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - found
+        found |= frontier
+    return len(found), sum(procs[pid][1] for pid in found)
+
+
+_START = time.perf_counter()
+
+
 def _host_pieces(stage):
     """Host us of small pieces, queued back to back (B = H = 1, N = 128: far below the host's time)."""
     a = importlib.import_module("flashverify.kernels.attention")
@@ -60,7 +88,10 @@ def _host_pieces(stage):
     monitoring = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else None
     dynamo = sys.modules.get("torch._dynamo")
     callback = torch._C._dynamo.eval_frame.get_eval_frame_callback() if dynamo else "dynamo not imported"
-    print(f"state {stage}: threads {sorted(t.name for t in threading.enumerate())}; profile {sys.getprofile()},"
+    children, cpu_s = _descendants()
+    print(f"state {stage} (at {time.perf_counter() - _START:.0f} s): descendant processes {children},"
+          f" their CPU time so far {cpu_s:.1f} s; TORCHINDUCTOR_COMPILE_THREADS"
+          f" {os.environ.get('TORCHINDUCTOR_COMPILE_THREADS', 'unset')}; threads {sorted(t.name for t in threading.enumerate())}; profile {sys.getprofile()},"
           f" trace {sys.gettrace()}, monitoring tools {monitoring}; dynamo frame callback {callback};"
           f" gc enabled {gc.isenabled()}, thresholds {gc.get_threshold()}, tracked objects {len(gc.get_objects())};"
           f" switch interval {sys.getswitchinterval()} s; direct launch possible"
@@ -96,7 +127,13 @@ def main():
         for turn in range(2):
             for name in ("flashverify", "flex", "sdpa-cudnn"):
                 _line(f"{name} (turn {turn + 1})", _forward(name, q, k, v, causal))
-    _host_pieces("at the end")
+    _host_pieces("after both turns")
+    time.sleep(SETTLE_S)   # whatever FlexAttention started in the background settles (or not)
+    _host_pieces(f"{SETTLE_S} s later")
+    for (d, causal), (q, k, v) in inputs.items():
+        print(f"D{d} {'causal' if causal else 'dense'} N{N} forward, fp16, {SETTLE_S} s later:", flush=True)
+        for name in ("flashverify", "flex", "sdpa-cudnn"):
+            _line(name, _forward(name, q, k, v, causal))
 
 
 if __name__ == "__main__":

@@ -227,3 +227,29 @@ def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
     assert [(impl, d, causal, n) for impl, _, d, causal, n in one] == [("flashverify", 128, False, 1024),
                                                                        ("flex", 128, False, 1024)]
     assert speed.compiled_configs("fp16 and N2K") == []
+
+
+# --- process_context.py ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_descendants_counts_live_child_processes_and_their_cpu_time():
+    """process_context._descendants sees a busy child (and its child) and the CPU time they used:
+    what tells whether FlexAttention left compile workers running beside a timing."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # it imports test_speed, timing
+    try:
+        context = _tool("process_context")
+    finally:
+        sys.path.pop(0)
+    before = context._descendants()
+    spin = "import subprocess, time\np = subprocess.Popen(['sleep', '3'])\nt = time.time()\nwhile time.time() - t < 0.6: pass\ntime.sleep(3)"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(1.5)
+        count, cpu_s = context._descendants()
+    finally:
+        child.kill()
+        child.wait()
+    assert count == before[0] + 2     # the spinning child and its sleeping child
+    assert cpu_s - before[1] >= 0.3   # the child's 0.6 s of spinning (clock ticks: 10 ms)
