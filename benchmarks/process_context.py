@@ -57,9 +57,10 @@ def _python_calls(x=1):   # 7 Python calls, no torch: the interpreter's own call
 
 
 def _descendants():
-    """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0.0)
-    elsewhere). Why: FlexAttention's compile starts inductor's pool of compile workers (one per
-    core, each importing torch), and our host time was 20-30 % above its usual right after it ran."""
+    """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0)
+    elsewhere). Why: FlexAttention's compile starts inductor's pool of compile workers (by torch's
+    source, one process per core up to 32), and every host piece of ours was 14-30 % slower right
+    after it ran (H200, session 14)."""
     procs = {}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not name.isdigit():
@@ -89,10 +90,11 @@ def _host_pieces(stage):
     dynamo = sys.modules.get("torch._dynamo")
     callback = torch._C._dynamo.eval_frame.get_eval_frame_callback() if dynamo else "dynamo not imported"
     children, cpu_s = _descendants()
+    threads = sorted(t.name for t in threading.enumerate())
     print(f"state {stage} (at {time.perf_counter() - _START:.0f} s): descendant processes {children},"
           f" their CPU time so far {cpu_s:.1f} s; TORCHINDUCTOR_COMPILE_THREADS"
-          f" {os.environ.get('TORCHINDUCTOR_COMPILE_THREADS', 'unset')}; threads {sorted(t.name for t in threading.enumerate())}; profile {sys.getprofile()},"
-          f" trace {sys.gettrace()}, monitoring tools {monitoring}; dynamo frame callback {callback};"
+          f" {os.environ.get('TORCHINDUCTOR_COMPILE_THREADS', 'unset')}; threads {threads};"
+          f" profile {sys.getprofile()}, trace {sys.gettrace()}, monitoring tools {monitoring}; dynamo frame callback {callback};"
           f" gc enabled {gc.isenabled()}, thresholds {gc.get_threshold()}, tracked objects {len(gc.get_objects())};"
           f" switch interval {sys.getswitchinterval()} s; direct launch possible"
           f" {a._direct_launch_possible(a.tk._fwd_kernel) is not None}", flush=True)
