@@ -25,7 +25,7 @@ import time
 import torch
 
 from test_speed import IMPLS, TOKENS, _compile_one, _inputs, forward_call   # the speed grid's calls
-from timing import call_sync_percentiles, host_us
+from timing import call_sync_percentiles, descendants, host_us
 
 CONFIGS = ((64, True), (128, False))   # (D, causal) at N = 1K: where the grid and ab_kernel.py disagree most
 N = 1024
@@ -56,28 +56,6 @@ def _python_calls(x=1):   # 7 Python calls, no torch: the interpreter's own call
     return _inner(x) + _inner(x) + _inner(x)
 
 
-def _descendants():
-    """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0)
-    elsewhere). Why: FlexAttention's compile starts inductor's pool of compile workers (by torch's
-    source, one process per core up to 32), and every host piece of ours was 14-30 % slower right
-    after it ran (H200, session 14)."""
-    procs = {}
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()   # after "pid (comm)": state, ppid, ...
-        except (OSError, ValueError, IndexError):
-            continue
-        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - found
-        found |= frontier
-    return len(found), sum(procs[pid][1] for pid in found)
-
-
 _START = time.perf_counter()
 
 
@@ -89,7 +67,7 @@ def _host_pieces(stage):
     monitoring = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else None
     dynamo = sys.modules.get("torch._dynamo")
     callback = torch._C._dynamo.eval_frame.get_eval_frame_callback() if dynamo else "dynamo not imported"
-    children, cpu_s = _descendants()
+    children, cpu_s = descendants()
     threads = sorted(t.name for t in threading.enumerate())
     print(f"state {stage} (at {time.perf_counter() - _START:.0f} s): descendant processes {children},"
           f" their CPU time so far {cpu_s:.1f} s; TORCHINDUCTOR_COMPILE_THREADS"

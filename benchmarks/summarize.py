@@ -2,6 +2,7 @@
 given floors.json (benchmarks/floors.py), the time floor and how far above it each run is.
 
 Run: python benchmarks/summarize.py bench.json [bench2.json ...] [--floors floors.json] [--back-to-back]
+     python benchmarks/summarize.py bench.json --background   (CPU the host's background used during each test)
 Several files (the same grid run more than once, minutes or sessions apart): each config's TFLOP/s
 is the median over the files, and a column gives the range of ours/FlexAttention over them. Why:
 at N=1K a block of rounds (one config and implementation, about a second) can sit 0.1-0.25 ms
@@ -59,19 +60,26 @@ def main(argv=None):
     ap.add_argument("--floors", default=None)
     ap.add_argument("--back-to-back", action="store_true",
                     help="calls queued back to back (larger of host and GPU time per call), not call + synchronize")
+    ap.add_argument("--background", action="store_true",
+                    help="the CPU seconds the process's descendants (inductor's compile workers) used while each test "
+                         "timed, instead of TFLOP/s")
     args = ap.parse_args(argv)
-    runs, info, gpus = _runs(args.bench, "tflops_back_to_back" if args.back_to_back else "tflops")
+    if args.background and (args.back_to_back or args.floors):
+        ap.error("--background lists CPU seconds: give it without --back-to-back and --floors")
+    rate = "background_cpu_s" if args.background else "tflops_back_to_back" if args.back_to_back else "tflops"
+    runs, info, gpus = _runs(args.bench, rate)
     floors = json.load(open(args.floors)) if args.floors else None
     table = {key: {impl: statistics.median(r[key][impl] for r in runs if impl in r.get(key, {}))
                    for impl in {i for r in runs for i in r.get(key, {})}}
              for key in info}
     impls = sorted({i for row in table.values() for i in row}, key=lambda s: (s != "flashverify", s))
-    others = [i for i in impls if i != "flashverify"]
+    others = [i for i in impls if i != "flashverify"] if not args.background else []
     spread = len(runs) > 1 and TARGET in others
     names = ", ".join(sorted(set(gpus)))
-    print(f"GPU: {names}; TFLOP/s (FlashAttention-2 FLOPs), "
-          + ("calls back to back" if args.back_to_back else "each call + synchronize")
-          + (f"; medians over {len(runs)} runs" if len(runs) > 1 else ""))
+    what = ("CPU s of descendant processes during each test" if args.background
+            else "TFLOP/s (FlashAttention-2 FLOPs), " + ("calls back to back" if args.back_to_back
+                                                         else "each call + synchronize"))
+    print(f"GPU: {names}; {what}" + (f"; medians over {len(runs)} runs" if len(runs) > 1 else ""))
     head = f"{'dir':4s} {'dtype':9s} {'D':>4s} {'mask':7s} {'N':>6s}" + "".join(f"{i:>15s}" for i in impls)
     head += "".join(f"{'ours/' + i:>21s}" for i in others)
     if spread:
@@ -83,7 +91,7 @@ def main(argv=None):
         row, e = table[key], info[key]
         ours = row.get("flashverify")
         line = f"{key[0]:4s} {key[1]:9s} {key[2]:4d} {key[3]:7s} {key[4]:6d}"
-        line += "".join(f"{row[i]:15.1f}" if i in row else f"{'-':>15s}" for i in impls)
+        line += "".join(f"{row[i]:15.{2 if args.background else 1}f}" if i in row else f"{'-':>15s}" for i in impls)
         line += "".join(f"{ours / row[i]:21.2f}" if (ours and i in row) else f"{'-':>21s}" for i in others)
         if spread:
             ratios = [r[key]["flashverify"] / r[key][TARGET] for r in runs

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timing import back_to_back_ms
+from timing import back_to_back_ms, descendants
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks run on a GPU only")
 
@@ -152,12 +152,17 @@ def test_speed(benchmark, impl, direction, dtype, d, causal, n):
         call()
         torch.cuda.synchronize()
     warmup_rounds, rounds = _rounds(step)
+    _, cpu_before = descendants()
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     back_to_back = back_to_back_ms(call) / 1e3
+    processes, cpu_after = descendants()
     f = flops(b, n, d, causal, direction)
     benchmark.extra_info.update(impl=impl, direction=direction, d=d, causal=causal, dtype=str(dtype), B=b, H=H,
                                 N=n, flops=f, tflops=f / benchmark.stats["median"] / 1e12,
-                                back_to_back_s=back_to_back, tflops_back_to_back=f / back_to_back / 1e12)
+                                back_to_back_s=back_to_back, tflops_back_to_back=f / back_to_back / 1e12,
+                                # the host's background while this test timed (a lower bound: processes
+                                # that ended meanwhile drop out): inductor's compile workers, session 14
+                                background_processes=processes, background_cpu_s=max(0.0, cpu_after - cpu_before))
 
 
 def compiled_configs(expression=""):

@@ -14,10 +14,13 @@ Three questions, three timers:
   problem) and the batch does not fill the launch queue.
 
 (test_speed.py's call + synchronize time goes through pytest-benchmark, its _rounds only sizing
-the rounds; its back-to-back time is back_to_back_ms.)
+the rounds; its back-to-back time is back_to_back_ms.) And one question about what else runs:
+descendants, the processes this one started and the CPU time they used (inductor's compile
+workers), which test_speed.py records beside each test's times.
 """
 
 import math
+import os
 import statistics
 import time
 
@@ -91,3 +94,25 @@ def host_us(call, calls=300, batches=7, synchronize=_cuda_synchronize):
         per_batch.append((time.perf_counter() - t) / calls * 1e6)
         synchronize()
     return statistics.median(per_batch)
+
+
+def descendants():
+    """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0)
+    elsewhere): the background a timing shares the host with. Why: FlexAttention's compile starts
+    inductor's pool of compile workers (by torch's source, one process per core up to 32), and
+    every host piece of ours was 14-30 % slower right after it ran (H200, session 14)."""
+    procs = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()   # after "pid (comm)": state, ppid, ...
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - found
+        found |= frontier
+    return len(found), sum(procs[pid][1] for pid in found)

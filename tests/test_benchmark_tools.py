@@ -69,11 +69,11 @@ def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
 
 def _grid_file(path, tflops_by_impl, back_to_back=True):
     """A pytest-benchmark JSON of one config (fwd fp16 D=128 dense N=1K) with the given TFLOP/s
-    (call + synchronize; back to back: twice that)."""
+    (call + synchronize; back to back: twice that; background CPU seconds: a thousandth)."""
     info = dict(direction="fwd", dtype="torch.float16", d=128, causal=False, N=1024, B=32, H=16, flops=2.75e11)
     benchmarks = []
     for impl, t in tflops_by_impl.items():
-        rates = {"tflops": t, **({"tflops_back_to_back": 2 * t} if back_to_back else {})}
+        rates = {"tflops": t, "background_cpu_s": t / 1000, **({"tflops_back_to_back": 2 * t} if back_to_back else {})}
         benchmarks.append({"extra_info": dict(info, impl=impl, **rates)})
     path.write_text(json.dumps({"machine_info": {"gpu": {"name": "Test GPU"}}, "benchmarks": benchmarks}))
     return str(path)
@@ -107,6 +107,15 @@ def test_back_to_back_reads_the_back_to_back_rates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "calls back to back" in out
     assert _row(out).split()[5:8] == ["600.0", "800.0", "0.75"]
+
+
+def test_background_lists_the_cpu_seconds_of_each_test_and_no_ratios(tmp_path, capsys):
+    summarize.main([_grid_file(tmp_path / "a.json", {"flashverify": 300.0, "flex": 400.0}), "--background"])
+    out = capsys.readouterr().out
+    assert "CPU s of descendant processes" in out and "ours/" not in out
+    assert _row(out).split()[5:] == ["0.30", "0.40"]
+    with pytest.raises(SystemExit):
+        summarize.main([str(tmp_path / "a.json"), "--background", "--back-to-back"])
 
 
 def test_back_to_back_of_a_grid_without_it_is_an_error_naming_the_file(tmp_path):
@@ -229,25 +238,20 @@ def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
     assert speed.compiled_configs("fp16 and N2K") == []
 
 
-# --- process_context.py ---------------------------------------------------------------------------
+# --- timing.descendants ---------------------------------------------------------------------------
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_descendants_counts_live_child_processes_and_their_cpu_time():
-    """process_context._descendants sees a busy child (and its child) and the CPU time they used:
-    what tells whether FlexAttention left compile workers running beside a timing."""
+    """timing.descendants sees a busy child (and its child) and the CPU time they used: what
+    tells whether FlexAttention left compile workers running beside a timing."""
     import subprocess
     import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # it imports test_speed, timing
-    try:
-        context = _tool("process_context")
-    finally:
-        sys.path.pop(0)
-    before = context._descendants()
+    before = timing.descendants()
     spin = "import subprocess, time\np = subprocess.Popen(['sleep', '3'])\nt = time.time()\nwhile time.time() - t < 0.6: pass\ntime.sleep(3)"
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(1.5)
-        count, cpu_s = context._descendants()
+        count, cpu_s = timing.descendants()
     finally:
         child.kill()
         child.wait()
