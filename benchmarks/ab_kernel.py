@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from triton.runtime.jit import JITFunction
 
 from timing import call_sync_ms
 
@@ -100,27 +101,63 @@ def _calls(a, run, q, k, v, do, causal, call_sync):
     return forward, (lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) does nothing (see _host_times)."""
+class _Compiled:
+    """A compiled kernel whose launcher does nothing (see _host_times)."""
+    function = packed_metadata = None
+
+    def run(self, *launch):
+        pass
+
+
+class _NoLaunch(JITFunction):
+    """Stands in for one of the bundled Triton kernels, as a JITFunction with the kernel's own
+    signature (so attention._run takes its direct path after the first launch, as on a GPU):
+    kernel[grid](...) compiles nothing and returns a _Compiled."""
+    __hash__ = object.__hash__   # a JITFunction hashes its source's cache key: this one has no dependencies resolved
+    __eq__ = object.__eq__
+
+    def __init__(self, kernel):
+        unspecialized = ([p.name for p in kernel.params if p.do_not_specialize] if isinstance(kernel, JITFunction)
+                         else getattr(kernel, "kwargs", {}).get("do_not_specialize", ()))   # the interpreter's
+        super().__init__(getattr(kernel, "fn", kernel), do_not_specialize=unspecialized)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _Compiled()
+
+
+class _NoDriver:
+    class active:
+        get_current_stream = staticmethod(lambda device: 0)
+
+
+def _as_on_a_gpu(a):
+    """On the CPU: make version `a` take the GPU's host path (no interpreter, the H200's tile table,
+    a stream getter), for tensors that stay on the CPU. It patches the loaded module."""
+    a.interpreting = lambda: False
+    a._check_device = lambda q: None
+    a.device_slug = lambda device: "nvidia-h200"
+    a.driver = _NoDriver
+    torch.cuda.current_device = lambda: 0
 
 
 def _host_times(versions, device, rounds=15):
     """Host time of attention() (no_grad), _forward and _backward per version, in us: the Python
-    around the launches, with every kernel replaced by a no-op, on a tiny problem. The minimum over
-    `rounds` alternating rounds of 3 x 2,000 calls. On the development CPU, single runs of the same
-    code ranged 43-66 us for _backward, and this minimum 42.3-47.3 us over four runs (session 12).
-    Runs on the CPU too.
+    around the launches, with every kernel's launch a no-op, on a tiny problem. Each kernel is a
+    stand-in JITFunction, so launches after the first take attention._run's direct path, as on a
+    GPU; on the CPU each version is also made to take the GPU's host path (_as_on_a_gpu; dQ's
+    second stream excepted). The minimum over `rounds` alternating rounds of 3 x 2,000 calls. On
+    the development CPU, single runs of the same code ranged 43-66 us for _backward, and this
+    minimum 42.3-47.3 us over four runs (session 12). Runs on the CPU too.
     It replaces the kernels in the loaded modules, so nothing in this process may launch after it."""
     import timeit
     q, k, v, do = _inputs(1, 128, 128, device)
     o, stats = q.clone(), torch.zeros(128, device=device)
     calls = {}
     for name, a in versions.items():
+        if device == "cpu":
+            _as_on_a_gpu(a)
         for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"):
-            setattr(a.tk, kernel, _NoLaunch())
+            setattr(a.tk, kernel, _NoLaunch(getattr(a.tk, kernel)))
         pb = _problem(a, q, k, v, False)
         calls[name] = {"attention()": lambda a=a: a.attention(q, k, v),
                        "_forward": lambda a=a, pb=pb: a._forward(q, k, v, pb),
