@@ -10,7 +10,7 @@ tiles/), e.g. HEAD's:
     python benchmarks/ab_kernel.py ab/base        # fp16 grid: D 64/128, dense/causal, N 1K/4K/16K
     python benchmarks/ab_kernel.py ab/base --check --n 96   # results only
     python benchmarks/ab_kernel.py ab/base --call-sync      # as the speed grid times: host time included
-    python benchmarks/ab_kernel.py ab/base --host           # the host's Python alone, launches no-ops (CPU too)
+    python benchmarks/ab_kernel.py ab/base --host           # the host's Python alone, launches no-ops (CPU too: the GPU's host path)
 
 Both versions take their tile tables from their own tiles/ (the fixed tiles where it has none
 for this GPU). Prints new/base time per config and the largest normwise difference of O, dQ,
