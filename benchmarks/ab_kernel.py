@@ -184,6 +184,7 @@ def main(argv=None):
     ap.add_argument("--host", action="store_true",
                     help="the host's time alone: every launch a no-op, a tiny problem (works on the CPU)")
     ap.add_argument("--n", type=int, nargs="+", default=None, help=f"sequence lengths (default {NS}; --check: 96)")
+    ap.add_argument("--rounds", type=int, default=15, help="--host: alternating rounds, the minimum kept (default 15)")
     args = ap.parse_args(argv)
     ns = args.n or ((96,) if args.check else NS)
     if any(n < 1 for n in ns):
@@ -191,13 +192,15 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.check and args.call_sync:
         ap.error("--call-sync chooses how calls are timed and --check times nothing: give one of them")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.host and (args.check or args.call_sync or args.n):
         ap.error("--host times the host alone, on one tiny problem: give it without --check, --call-sync and --n")
     if not (args.check or args.host) and device == "cpu":
         ap.error("timing the kernels needs a GPU; on the CPU use --check or --host")
     versions = _versions(args.base)
     if args.host:
-        return _host_times(versions, device)
+        return _host_times(versions, device, args.rounds)
     if not args.check:
         start = time.time()
         jobs = [(args.base, name, d, c) for name in versions for d in DS for c in CAUSAL]

@@ -257,3 +257,30 @@ def test_descendants_counts_live_child_processes_and_their_cpu_time():
         child.wait()
     assert count == before[0] + 2     # the spinning child and its sleeping child
     assert cpu_s - before[1] >= 0.3   # the child's 0.6 s of spinning (clock ticks: 10 ms)
+
+
+# --- ab_kernel.py --host ----------------------------------------------------------------------------
+
+def test_ab_kernel_host_times_tell_the_slower_version(tmp_path):
+    """ab_kernel.py --host on the CPU: a base whose _forward sleeps 0.3 ms comes out slower than
+    this kernel in _forward and attention() (and not in _backward), under its own label."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parents[1]
+    base = tmp_path / "base"
+    shutil.copytree(root / "kernels", base, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (base / "attention.py").read_text()
+    assert "def _forward(q, k, v, pb: _Problem):\n" in source
+    (base / "attention.py").write_text(source.replace("def _forward(q, k, v, pb: _Problem):\n",
+                                                      "def _forward(q, k, v, pb: _Problem):\n    time.sleep(3e-4)\n")
+                                       .replace("import os\n", "import os\nimport time\n", 1))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "ab_kernel.py"), str(base), "--host", "--rounds", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    ratio = {m[0]: float(m[1]) for m in re.findall(r"^(\S+)\s+host time.*\((\d+\.\d+)\)$", out.stdout, re.M)}
+    assert set(ratio) == {"attention()", "_forward", "_backward"}, out.stdout
+    assert ratio["_forward"] < 0.5 and ratio["attention()"] < 0.5 and ratio["_backward"] > 0.5, out.stdout
