@@ -279,7 +279,7 @@ def test_ab_kernel_host_times_tell_the_slower_version(tmp_path):
                                        .replace("import os\n", "import os\nimport time\n", 1))
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "ab_kernel.py"), str(base), "--host", "--rounds", "1"],
                          cwd=root, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
+                         env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})   # the CPU, also on a GPU machine
     assert out.returncode == 0, out.stderr[-2000:]
     ratio = {m[0]: float(m[1]) for m in re.findall(r"^(\S+)\s+host time.*\((\d+\.\d+)\)$", out.stdout, re.M)}
     assert set(ratio) == {"attention()", "_forward", "_backward"}, out.stdout
