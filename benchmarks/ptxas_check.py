@@ -7,10 +7,17 @@ tuning cannot fix it. The ptxas bundled with Triton decides: run this under the 
 runs (the H100 image has triton 3.6; triton 3.8's ptxas does not warn for the same PTX).
 
 Run: python benchmarks/ptxas_check.py [--gpu nvidia-h100-80gb-hbm3]   (tiles from that GPU's table)
+     python benchmarks/ptxas_check.py --against ab/base [--only "dkdv"]   (PTX the same as that copy's?)
+
+--against DIR compiles each specialization from DIR's triton_kernels.py too (a copy of kernels/,
+as ab_kernel.py takes) and says whether the PTX is the same, source line records aside. Why: a
+change meant to leave the device code alone (a refactor, a host-side change) is then shown to
+on a machine without a GPU; the same PTX through the same ptxas is the same kernel.
 """
 
 import argparse
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,8 +56,8 @@ def _args(d, extra):
 
 
 def compile_log(kernel, d, tile, extra):
-    """ptxas -v output and shared memory bytes for one specialization, signature built as Triton's
-    launcher would."""
+    """ptxas -v output, shared memory bytes and PTX for one specialization, signature built as
+    Triton's launcher would."""
     ptr, ints, const = _args(d, dict(extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n))
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
@@ -74,7 +81,34 @@ def compile_log(kernel, d, tile, extra):
             f.write(compiled.asm["ptx"])
         run = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", os.path.join(tmp, "k.ptx"), "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    return run.stdout + run.stderr, compiled.metadata.shared
+    return run.stdout + run.stderr, compiled.metadata.shared, compiled.asm["ptx"]
+
+
+def _code(ptx):
+    """The PTX without its source records (.loc, .file, debug sections): where a line of the
+    kernel's source sits, not what it compiles to."""
+    lines, debug = [], False
+    for line in ptx.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(".section") and ".debug" in stripped:
+            debug = True
+        if not debug and not stripped.startswith((".loc", ".file", "$L__")) and "debug" not in stripped:
+            lines.append(line)
+        if debug and stripped == "}":
+            debug = False
+    return "\n".join(lines)
+
+
+def _base_kernels(base_dir):
+    """triton_kernels.py of another copy of kernels/, loaded as its own module."""
+    path = os.path.join(os.path.abspath(base_dir), "triton_kernels.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"--against {base_dir!r} has no triton_kernels.py: give a copy of kernels/")
+    spec = importlib.util.spec_from_file_location("base_triton_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # Triton resolves the kernels' globals through their module
+    spec.loader.exec_module(module)
+    return module
 
 
 # Opt-in shared memory per block on sm_90 (H100, H200): what Triton's launcher checks a kernel
@@ -86,7 +120,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default="nvidia-h100-80gb-hbm3", help="tile table to take the tiles from")
     ap.add_argument("--only", default="", help="check only entries whose 'tiles kernel' contains this (e.g. 'D128-dense dkdv')")
+    ap.add_argument("--against", default=None, help="a copy of kernels/: say whether each PTX is the same as its")
     args = ap.parse_args()
+    base = _base_kernels(args.against) if args.against else None
     table = attn.tuned_tiles(args.gpu)
     if not table:
         ap.error(f"--gpu: no tile table kernels/tiles/{args.gpu}.json")
@@ -95,7 +131,7 @@ def main():
                 " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1),
                 " addmask": dict(MASK_KIND=2, FOLD_SCALE=False)}
     print(f"triton {triton.__version__}, ptxas {PTXAS}")
-    serialized, too_big, checked = 0, 0, 0
+    serialized, too_big, checked, differ = 0, 0, 0, 0
     for key, by_n in sorted(table.items()):
         d = int(key.split("-")[0][1:])
         for name, kernel in kernels.items():
@@ -107,7 +143,13 @@ def main():
                     if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
                         continue
                     checked += 1
-                    log, shared = compile_log(kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
+                    log, shared, ptx = compile_log(kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
+                    same = ""
+                    if base is not None:
+                        base_kernel = getattr(base, kernel.fn.__name__)
+                        _, _, base_ptx = compile_log(base_kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
+                        differ += _code(ptx) != _code(base_ptx)
+                        same = " same PTX" if _code(ptx) == _code(base_ptx) else " PTX DIFFERS"
                     bad, big = "C7515" in log, shared > SM90_SHARED_BYTES
                     serialized += bad
                     too_big += big
@@ -115,11 +157,14 @@ def main():
                                      if "spill" in line or "Used" in line)
                     verdict = "SERIALIZED" if bad else "NO-FIT" if big else "ok"
                     where = f"{tile.block_m}x{tile.block_n}w{tile.num_warps}s{tile.num_stages} N{'/'.join(ns)}"
-                    print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} {where:22s} smem {shared} {usage}",
+                    print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} {where:22s} smem {shared} {usage}{same}",
                           flush=True)
     if not checked:
         ap.error(f"--only: no entry matches {args.only!r} (entries: '<D64|D128>-<dense|masked> <fwd|dkdv|dq>')")
     print(f"{serialized} serialized" if serialized else "no wgmma serialization")
+    if base is not None:
+        print(f"PTX differs from {args.against}'s in {differ} of {checked}" if differ
+              else f"PTX the same as {args.against}'s in all {checked}")
     print(f"{too_big} over the {SM90_SHARED_BYTES} bytes of shared memory (launched with fewer stages)"
           if too_big else "every tile fits in shared memory as tuned")
     return 1 if serialized else 0
