@@ -397,11 +397,13 @@ def _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, CHECK_ROWS: tl.constexpr, PREC
 
     float32 (PRECISE_EXP): the max m and log l apart, P = exp((s - m) - log l): s - m is exact
     near the max and log l is small, so P keeps ~1 float32 ulp, where exp(s - (m + log l)) would
-    cost up to |m + log l| ulps. 16-bit inputs: m + log l in one vector (log l returned as 0, and
-    _bwd_probs does not subtract it). Its rounding, about |LSE| float32 ulps of P, is within the
-    error model's LSE term (verify/bounds.py) and, at |LSE| = 10, 800 (fp16) to 6,500 (bf16) times
-    below P's own rounding to 16 bits. One per-row vector fewer in its loops: the backward took
-    0.906-0.999 of the time before (H200 A/B, session 11, docs/performance.md).
+    cost up to |m + log l| ulps. 16-bit inputs: m + log l in one vector, and log l returned as 0:
+    x - 0 is x, so _bwd_probs' subtraction compiles to nothing (the same PTX as a kernel without
+    it, benchmarks/ptxas_check.py --against, session 14). Its rounding, about |LSE| float32 ulps
+    of P, is within the error model's LSE term (verify/bounds.py) and, at |LSE| = 10, 800 (fp16)
+    to 6,500 (bf16) times below P's own rounding to 16 bits. One per-row vector fewer in its
+    loops: the backward took 0.906-0.999 of the time before (H200 A/B, session 11,
+    docs/performance.md).
     """
     row_max = _load_rows(STATS + bh * NQ, offs_m, NQ, CHECK_ROWS)
     if PRECISE_EXP:
@@ -421,10 +423,7 @@ def _bwd_probs(s2, c, row_max, row_logl, qi, kj, bh, NQ, NK, dropout_p, seed, DR
     Orientation-free: qi/kj, row_max and row_logl come shaped to broadcast against the tile, so the
     dK/dV kernel can work on transposed tiles (keys as rows) without transposing registers.
     """
-    if PRECISE_EXP:
-        p = _exp((s2 * c - row_max) - row_logl, PRECISE_EXP)
-    else:   # row_max holds m + log l (see _row_stats)
-        p = _exp(s2 * c - row_max, PRECISE_EXP)
+    p = _exp((s2 * c - row_max) - row_logl, PRECISE_EXP)   # 16-bit: row_max is m + log l, row_logl 0 (_row_stats)
     p_drop = p
     keep = p   # unused without dropout
     if DROPOUT:
