@@ -63,7 +63,9 @@ def _host_pieces(stage):
     """Host us of small pieces, queued back to back (B = H = 1, N = 128: far below the host's time)."""
     a = importlib.import_module("flashverify.kernels.attention")
     q = torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.float16)
-    pb = a._check(q, q, q, False, "top_left", None, None, None, None, 0.0, None, False, None)
+    def check():   # attention()'s checks of a plain call
+        return a._check(q, q, q, False, "top_left", None, None, None, None, 0.0, None, False, None)
+    pb = check()
     monitoring = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else None
     dynamo = sys.modules.get("torch._dynamo")
     callback = torch._C._dynamo.eval_frame.get_eval_frame_callback() if dynamo else "dynamo not imported"
@@ -79,8 +81,7 @@ def _host_pieces(stage):
     with torch.no_grad():
         for name, fn in (("7 plain Python calls", _python_calls),
                          ("torch.empty_like", lambda: torch.empty_like(q)),
-                         ("attention._check", lambda: a._check(q, q, q, False, "top_left", None, None, None, None,
-                                                               0.0, None, False, None)),
+                         ("attention._check", check),
                          ("attention._forward", lambda: a._forward(q, q, q, pb)),
                          ("attention() forward, no_grad", lambda: a.attention(q, q, q))):
             print(f"  host {stage}: {name:30s} {host_us(fn):8.2f} us", flush=True)

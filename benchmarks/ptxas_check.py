@@ -146,7 +146,10 @@ def main():
                     log, shared, ptx = compile_log(kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
                     same = ""
                     if base is not None:
-                        base_kernel = getattr(base, kernel.fn.__name__)
+                        base_kernel = getattr(base, kernel.fn.__name__, None)
+                        if base_kernel is None:
+                            raise SystemExit(f"--against {args.against!r}: its triton_kernels.py has no "
+                                             f"{kernel.fn.__name__}")
                         _, _, base_ptx = compile_log(base_kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
                         differ += _code(ptx) != _code(base_ptx)
                         same = " same PTX" if _code(ptx) == _code(base_ptx) else " PTX DIFFERS"

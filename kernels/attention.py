@@ -297,21 +297,20 @@ def _checked(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, 
     synchronize at N=1K waits for it. The key holds every value _check reads for such a call,
     with its type (True and 1 hash alike), so a call gets the memory's answer only where _check
     would give it; any other call goes through _check. Its problems hold no tensors."""
-    if not (attn_mask is None and key_lengths is None and window is None and blocks is None
-            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and type(causal) is bool and type(allow_tf32) is bool and type(causal_alignment) is str
-            and (scale is None or type(scale) is float) and type(dropout_p) in (float, int) and dropout_p == 0):
-        return _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
-                      dropout_p, seed, allow_tf32, blocks)
+    plain = (attn_mask is None and key_lengths is None and window is None and blocks is None
+             and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+             and type(causal) is bool and type(allow_tf32) is bool and type(causal_alignment) is str
+             and (scale is None or type(scale) is float) and type(dropout_p) in (float, int) and dropout_p == 0)
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-           causal, causal_alignment, scale, allow_tf32, interpreting())
-    pb = _PLAIN_PROBLEMS.get(key)
+           causal, causal_alignment, scale, allow_tf32, interpreting()) if plain else None
+    pb = _PLAIN_PROBLEMS.get(key) if plain else None
     if pb is None:
         pb = _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
                     dropout_p, seed, allow_tf32, blocks)
-        if len(_PLAIN_PROBLEMS) >= _PLAIN_PROBLEMS_MAX:
-            _PLAIN_PROBLEMS.clear()
-        _PLAIN_PROBLEMS[key] = pb
+        if plain:
+            if len(_PLAIN_PROBLEMS) >= _PLAIN_PROBLEMS_MAX:
+                _PLAIN_PROBLEMS.clear()
+            _PLAIN_PROBLEMS[key] = pb
     return pb
 
 
