@@ -385,15 +385,16 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypa
     assert run(16, 5, dtype_buf=buf[1:]) == (6, 2)   # 2-byte aligned
     assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (7, 2)
     assert run(np.int64(16), 5) == (8, 2) and run(np.int64(16), 5) == (9, 2)   # no key for it: Triton's path, each time
+    assert run(1, 5) == (10, 2) and run(True, 5) == (11, 2) and run(True, 5) == (11, 3)   # True hashes as 1
     hook = lambda metadata: None  # noqa: E731
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        assert run(16, 5) == (10, 2)   # a profiler's hook: Triton's path, which calls it
+        assert run(16, 5) == (12, 3)   # a profiler's hook: Triton's path, which calls it
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert run(16, 5) == (10, 3)
+    assert run(16, 5) == (12, 4)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert run(16, 5) == (11, 3)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
+    assert run(16, 5) == (13, 4)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
 
 
 def test_plain_calls_reuse_the_problem_check_gave_them(monkeypatch, device):
