@@ -356,9 +356,9 @@ def _cdiv(a: int, b: int) -> int:
 _STAGES_THAT_FIT: dict = {}
 
 
-def _launch(kernel, grid, tile: Tile, *args, **constexprs):
-    """Launch `kernel` with the tile's pipeline stages, or fewer where that many do not fit in
-    shared memory. Why: tiles are tuned on unmasked problems, and an additive mask's tile takes
+def _launch(kernel, grid, tile: Tile, *args, stream=None, **constexprs):
+    """Launch `kernel` (on `stream`, else the current stream) with the tile's pipeline stages, or
+    fewer where that many do not fit in shared memory. Why: tiles are tuned on unmasked problems, and an additive mask's tile takes
     shared memory in every stage (H100, D=128 masked dK/dV 64x128 with 4 stages: 248,064 of
     232,448 bytes). Stages only set how far loads run ahead of the arithmetic, so the results are
     bitwise those of the tuned tile (tests/test_kernel.py checks this on a GPU)."""
@@ -366,7 +366,7 @@ def _launch(kernel, grid, tile: Tile, *args, **constexprs):
     stages = _STAGES_THAT_FIT.get(key, tile.num_stages)
     while True:
         try:
-            _run(kernel, grid, args, constexprs, num_warps=tile.num_warps, num_stages=stages)
+            _run(kernel, grid, args, constexprs, stream, num_warps=tile.num_warps, num_stages=stages)
             break
         except OutOfResources:
             if stages == 1:
@@ -382,9 +382,11 @@ _COMPILED_MAX = 4096
 _I32, _I64 = range(-2**31, 2**31), range(-2**63, 2**63)   # Triton's int types: i32, i64, else u64
 
 
-def _run(kernel, grid, args, constexprs, **options):
-    """kernel[grid](*args, **constexprs, **options), through the compiled kernel's own launcher
-    once Triton has compiled it for arguments with this launch key (_arg_key).
+def _run(kernel, grid, args, constexprs, stream=None, **options):
+    """kernel[grid](*args, **constexprs, **options) on `stream` (else the current stream), through
+    the compiled kernel's own launcher once Triton has compiled it for arguments with this launch
+    key (_arg_key). A direct launch takes the stream as an argument: making it the current stream
+    costs 10-15 us of host time on an H200's host (benchmarks/host_cost.py).
 
     Why: on every launch Triton's JITFunction.run binds and specializes each argument and builds
     a cache key: 19-56 us of host time on an H200's host, against 8-16 us for the compiled
@@ -403,10 +405,12 @@ def _run(kernel, grid, args, constexprs, **options):
     entry = _COMPILED.get(key) if key is not None else None
     if entry is not None:
         compiled, tail = entry
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream_of(device),
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     stream_of(device) if stream is None else stream.cuda_stream,
                      compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
-    compiled = kernel[grid](*args, **constexprs, **options)
+    with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+        compiled = kernel[grid](*args, **constexprs, **options)
     tail = _constexpr_tail(kernel, len(args), constexprs) if key is not None else None
     if tail is not None and hasattr(compiled, "packed_metadata"):
         if len(_COMPILED) >= _COMPILED_MAX:
@@ -550,13 +554,13 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
         EDGES=_edges(pb, nk), **flags)
-    with torch.cuda.stream(side) if on_gpu else contextlib.nullcontext():
-        t = pb.config.dq
-        _launch(
-            tk._bwd_dq_kernel, (_cdiv(nq, t.block_m), B * H), t,
-            q, k, v, do, stats, delta, dq, mask, keylen,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
-            H, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
+    t = pb.config.dq
+    _launch(
+        tk._bwd_dq_kernel, (_cdiv(nq, t.block_m), B * H), t,
+        q, k, v, do, stats, delta, dq, mask, keylen,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+        H, *common, stream=side if on_gpu else None,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
     if on_gpu:
         caller.wait_stream(side)
     return dq, dk, dv

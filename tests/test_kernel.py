@@ -370,31 +370,34 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_launch_key(monkeypa
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     buf = torch.zeros(64, dtype=torch.float16)
 
-    def run(*args, dtype_buf=buf):
-        a._run(kernel, (3, 2), (dtype_buf, *args), {"BLOCK": 64}, num_warps=4)
+    def run(*args, dtype_buf=buf, stream=None):
+        a._run(kernel, (3, 2), (dtype_buf, *args), {"BLOCK": 64}, stream, num_warps=4)
         return len(compiles), len(launches)
 
+    class Side:   # a torch.cuda.Stream's raw handle
+        cuda_stream = "side stream"
     assert run(16, 5) == (1, 0)   # first: through Triton
     assert run(16, 5) == (1, 1)
     assert launches[-1] == (3, 2, 1, "stream of 0", "function", "metadata", None, None, None, buf, 16, 5, 64)
-    assert run(16, 2**20) == (1, 2)   # seed is not specialized on: its value is not in the key
-    assert run(16, 2**40) == (2, 2)   # ... but its type is (i64)
-    assert run(16, 2**63) == (3, 2)   # (u64)
-    assert run(17, 5) == (4, 2)
-    assert run(16.0, 5) == (5, 2)
-    assert run(16, 5, dtype_buf=buf[1:]) == (6, 2)   # 2-byte aligned
-    assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (7, 2)
-    assert run(np.int64(16), 5) == (8, 2) and run(np.int64(16), 5) == (9, 2)   # no key for it: Triton's path, each time
-    assert run(1, 5) == (10, 2) and run(True, 5) == (11, 2) and run(True, 5) == (11, 3)   # True hashes as 1
+    assert run(16, 5, stream=Side) == (1, 2) and launches[-1][3] == "side stream"   # a stream given: no key of its own
+    assert run(16, 2**20) == (1, 3)   # seed is not specialized on: its value is not in the key
+    assert run(16, 2**40) == (2, 3)   # ... but its type is (i64)
+    assert run(16, 2**63) == (3, 3)   # (u64)
+    assert run(17, 5) == (4, 3)
+    assert run(16.0, 5) == (5, 3)
+    assert run(16, 5, dtype_buf=buf[1:]) == (6, 3)   # 2-byte aligned
+    assert run(16, 5, dtype_buf=buf.to(torch.bfloat16)) == (7, 3)
+    assert run(np.int64(16), 5) == (8, 3) and run(np.int64(16), 5) == (9, 3)   # no key for it: Triton's path, each time
+    assert run(1, 5) == (10, 3) and run(True, 5) == (11, 3) and run(True, 5) == (11, 4)   # True hashes as 1
     hook = lambda metadata: None  # noqa: E731
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        assert run(16, 5) == (12, 3)   # a profiler's hook: Triton's path, which calls it
+        assert run(16, 5) == (12, 4)   # a profiler's hook: Triton's path, which calls it
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert run(16, 5) == (12, 4)
+    assert run(16, 5) == (12, 5)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert run(16, 5) == (13, 4)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
+    assert run(16, 5) == (13, 5)   # torch.compile tracing: it captures Triton's kernel[grid](...) itself
 
 
 def test_plain_calls_reuse_the_problem_check_gave_them(monkeypatch, device):
@@ -439,9 +442,9 @@ def test_every_kernel_launch_of_a_call_has_a_direct_launch_form(monkeypatch, dev
     seen = {}
     run = a._run
 
-    def spy(kernel, grid, args, constexprs, **options):
+    def spy(kernel, grid, args, constexprs, stream=None, **options):
         seen.setdefault(getattr(kernel, "fn", kernel).__name__, []).append((kernel, len(args), constexprs))
-        return run(kernel, grid, args, constexprs, **options)
+        return run(kernel, grid, args, constexprs, stream, **options)
     monkeypatch.setattr(a, "_run", spy)
     for case in (Case(seqlen_q=40, seqlen_k=50, causal=True),
                  Case(seqlen_q=40, seqlen_k=50, mask="additive", dropout_p=0.3, seed=4, key_lengths=(30,))):
