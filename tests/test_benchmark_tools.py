@@ -223,13 +223,30 @@ def test_the_speed_grid_runs_light_configs_first_and_a_configs_implementations_t
         assert len(set(configs[at:at + 5])) == 1, f"implementations of {configs[at]} are not together"
 
 
-def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
+def _speed_module():
+    """benchmarks/test_speed.py as a module, inductor's settings left as they were."""
     import sys
+
+    import torch._inductor.config as inductor
+    threads, inductor.compile_threads = inductor.compile_threads, 4   # a pool, as on a GPU host
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # test_speed imports timing
     try:
         speed = _tool("test_speed")
+        speed.compile_threads_while_timing = inductor.compile_threads
     finally:
         sys.path.pop(0)
+        inductor.compile_threads = threads
+    return speed
+
+
+def test_the_speed_grid_times_without_inductors_pool_of_compile_workers():
+    """The pool FlexAttention's first call starts would be starting up while the next tests time
+    (test_speed.py says what it cost there)."""
+    assert _speed_module().compile_threads_while_timing == 1
+
+
+def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
+    speed = _speed_module()
     assert len(speed.compiled_configs()) == 2 * 2 * 2 * 2 * 3          # ours and FlexAttention, every config
     assert len(speed.compiled_configs("fp16")) == 2 * 2 * 2 * 3
     one = speed.compiled_configs("fp16 and D128 and dense and N1K")
