@@ -409,6 +409,8 @@ def _run(kernel, grid, args, constexprs, stream=None, **options):
                      stream_of(device) if stream is None else stream.cuda_stream,
                      compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
+    if interpreting():
+        return _interpreted(kernel, grid, args, constexprs, options)
     with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
         compiled = kernel[grid](*args, **constexprs, **options)
     tail = _constexpr_tail(kernel, len(args), constexprs) if key is not None else None
@@ -417,6 +419,15 @@ def _run(kernel, grid, args, constexprs, stream=None, **options):
             _COMPILED.clear()
         _COMPILED[key] = (compiled, tail)
     return compiled
+
+
+@torch.compiler.disable
+def _interpreted(kernel, grid, args, constexprs, options):
+    """kernel[grid](...) run by Triton's interpreter, outside torch.compile's tracing. Why: traced,
+    the interpreter's numpy code failed inside dynamo (a uint64 pointer offset it could not fake),
+    so torch.compile of a function calling attention() failed on the CPU; this way dynamo breaks
+    the graph at the launch and the interpreter runs as it does eagerly."""
+    return kernel[grid](*args, **constexprs, **options)
 
 
 def _direct_launch_possible(kernel):

@@ -203,6 +203,24 @@ def test_dropout_offsets_are_64_bit(device):
     assert (expected != wrapped).any()  # the check can tell 64-bit from wrapped offsets
 
 
+def test_torch_compile_of_a_caller_gives_the_eager_results(device):
+    """Users wrap models calling attention() in torch.compile: the compiled function must give
+    eager's bits, forward and backward (under the interpreter, dynamo breaks the graph at each
+    launch; on a GPU it captures the Triton launches as user-defined kernels)."""
+    x = Case(heads_q=4, heads_kv=2, seqlen_q=40, seqlen_k=36, causal=True, dropout_p=0.2, seed=5).inputs(device)
+    kw = dict(causal=True, dropout_p=0.2, seed=5)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, **kw))
+    try:
+        q, k, v = (t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v))
+        o = compiled(q, k, v)
+        o.backward(x.do)
+        got = (o, q.grad, k.grad, v.grad)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(got, _grads(x.q, x.k, x.v, x.do, **kw)):
+        assert torch.equal(a, b)
+
+
 def test_inputs_not_mutated(device):
     x = Case(seqlen_q=30, seqlen_k=30, mask="additive").inputs(device)
     copies = [t.clone() for t in (x.q, x.k, x.v, x.do, x.attn_mask)]
