@@ -33,9 +33,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 # workers start up while the tests after it time: 0.9-1.1 CPU s of them during FlexAttention's
 # own test and three or four of the next config's, and the bundled kernel, first there, ran
 # that config (the N=1K D=64 causal forward) at 0.97 (fp16) and 0.86 (bf16) of FlexAttention by
-# call + synchronize, 1.03-1.04 back to back (H200, session 15: extra_info.background_cpu_s). The pool's start is a one-time cost
-# of whichever test follows FlexAttention's first call; FlexAttention's kernels come from the
-# disk cache that the compile step below fills, so nothing is compiled while timing either way.
+# call + synchronize, 1.03-1.04 back to back (H200, session 15: extra_info.background_cpu_s).
+# The pool's start is a one-time cost of whichever test follows FlexAttention's first call;
+# FlexAttention's kernels come from the disk cache that the compile step below fills, so
+# nothing is compiled while timing either way.
 torch._inductor.config.compile_threads = 1
 
 TOKENS, H = 32768, 16

@@ -358,10 +358,11 @@ _STAGES_THAT_FIT: dict = {}
 
 def _launch(kernel, grid, tile: Tile, *args, stream=None, **constexprs):
     """Launch `kernel` (on `stream`, else the current stream) with the tile's pipeline stages, or
-    fewer where that many do not fit in shared memory. Why: tiles are tuned on unmasked problems, and an additive mask's tile takes
-    shared memory in every stage (H100, D=128 masked dK/dV 64x128 with 4 stages: 248,064 of
-    232,448 bytes). Stages only set how far loads run ahead of the arithmetic, so the results are
-    bitwise those of the tuned tile (tests/test_kernel.py checks this on a GPU)."""
+    fewer where that many do not fit in shared memory. Why: tiles are tuned on unmasked problems,
+    and an additive mask's tile takes shared memory in every stage (H100, D=128 masked dK/dV
+    64x128 with 4 stages: 248,064 of 232,448 bytes). Stages only set how far loads run ahead of
+    the arithmetic, so the results are bitwise those of the tuned tile (tests/test_kernel.py
+    checks this on a GPU)."""
     key = (kernel, tile, tuple(constexprs.items()))   # each kernel has one call site: one keyword order
     stages = _STAGES_THAT_FIT.get(key, tile.num_stages)
     while True:
