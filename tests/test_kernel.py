@@ -203,6 +203,7 @@ def test_dropout_offsets_are_64_bit(device):
     assert (expected != wrapped).any()  # the check can tell 64-bit from wrapped offsets
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # torch's own imports
 def test_torch_compile_of_a_caller_gives_the_eager_results(device):
     """Users wrap models calling attention() in torch.compile: the compiled function must give
     eager's bits, forward and backward (under the interpreter, dynamo breaks the graph at each
