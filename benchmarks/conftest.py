@@ -8,7 +8,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import triton
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
-    machine_info["inductor_compile_threads"] = torch._inductor.config.compile_threads   # test_speed.py says why
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         machine_info["gpu"] = {"name": p.name, "sms": p.multi_processor_count,

@@ -16,6 +16,7 @@ FlashAttention's benchmarks time); `summarize.py --back-to-back` tabulates the s
 GPU name, torch and triton versions are saved in the JSON's machine_info (benchmarks/conftest.py).
 """
 
+import contextlib
 import math
 import time
 
@@ -28,16 +29,32 @@ from timing import back_to_back_ms, descendants
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks run on a GPU only")
 
-# Inductor compiles in this process, without its pool of compile workers. Why: FlexAttention's
-# first call starts that pool (a sidecar process, then one worker per core up to 32), and the
-# workers start up while the tests after it time: 0.9-1.1 CPU s of them during FlexAttention's
-# own test and three or four of the next config's, and the bundled kernel, first there, ran
-# that config (the N=1K D=64 causal forward) at 0.97 (fp16) and 0.86 (bf16) of FlexAttention by
-# call + synchronize, 1.03-1.04 back to back (H200, session 15: extra_info.background_cpu_s).
-# The pool's start is a one-time cost of whichever test follows FlexAttention's first call;
-# FlexAttention's kernels come from the disk cache that the compile step below fills, so
-# nothing is compiled while timing either way.
-torch._inductor.config.compile_threads = 1
+
+@contextlib.contextmanager
+def compiling_in_process():
+    """Inductor compiles in this process, without its pool of compile workers, until the block
+    ends. Why: FlexAttention's first call starts that pool (a sidecar process, then one worker
+    per core up to 32), and the workers start up while the tests after it time: 0.9-1.1 CPU s of
+    them during FlexAttention's own test and three or four of the next config's, and the bundled
+    kernel, first there, ran that config (the N=1K D=64 causal forward) at 0.97 (fp16) and 0.86
+    (bf16) of FlexAttention by call + synchronize, 1.03-1.04 back to back (H200, session 15:
+    extra_info.background_cpu_s). The pool's start is a one-time cost of whichever test follows
+    FlexAttention's first call; FlexAttention's kernels come from the disk cache that the
+    compile step below fills, so nothing is compiled while timing either way. Only the grid's
+    tests run so: process_context.py imports this module and times with the pool."""
+    threads = torch._inductor.config.compile_threads
+    torch._inductor.config.compile_threads = 1
+    try:
+        yield
+    finally:
+        torch._inductor.config.compile_threads = threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _grid_compiles_in_process():
+    with compiling_in_process():
+        yield
+
 
 TOKENS, H = 32768, 16
 
@@ -174,7 +191,8 @@ def test_speed(benchmark, impl, direction, dtype, d, causal, n):
                                 back_to_back_s=back_to_back, tflops_back_to_back=f / back_to_back / 1e12,
                                 # the host's background while this test timed (a lower bound: processes
                                 # that ended meanwhile drop out): inductor's compile workers, session 14
-                                background_processes=processes, background_cpu_s=max(0.0, cpu_after - cpu_before))
+                                background_processes=processes, background_cpu_s=max(0.0, cpu_after - cpu_before),
+                                inductor_compile_threads=torch._inductor.config.compile_threads)
 
 
 def compiled_configs(expression=""):

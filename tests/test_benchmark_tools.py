@@ -224,25 +224,40 @@ def test_the_speed_grid_runs_light_configs_first_and_a_configs_implementations_t
 
 
 def _speed_module():
-    """benchmarks/test_speed.py as a module, inductor's settings left as they were."""
+    """benchmarks/test_speed.py as a module."""
     import sys
-
-    import torch._inductor.config as inductor
-    threads, inductor.compile_threads = inductor.compile_threads, 4   # a pool, as on a GPU host
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # test_speed imports timing
     try:
-        speed = _tool("test_speed")
-        speed.compile_threads_while_timing = inductor.compile_threads
+        return _tool("test_speed")
     finally:
         sys.path.pop(0)
-        inductor.compile_threads = threads
-    return speed
 
 
-def test_the_speed_grid_times_without_inductors_pool_of_compile_workers():
+def test_the_speed_grid_times_without_inductors_pool_of_compile_workers(pytester, monkeypatch):
     """The pool FlexAttention's first call starts would be starting up while the next tests time
-    (test_speed.py says what it cost there)."""
-    assert _speed_module().compile_threads_while_timing == 1
+    (test_speed.py says what it cost there): the grid's tests run with compile_threads = 1, and
+    only they. Importing test_speed changes nothing: process_context.py imports it and times
+    with the pool."""
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "compile_threads", 4)   # a pool, as on a GPU host
+    speed = _speed_module()
+    assert inductor.compile_threads == 4
+    with pytest.raises(RuntimeError):
+        with speed.compiling_in_process():
+            assert inductor.compile_threads == 1
+            raise RuntimeError
+    assert inductor.compile_threads == 4
+    pytester.makepyfile(test_grid_like=f"""
+        import sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parents[1] / "benchmarks")!r})
+        import torch._inductor.config as inductor
+        inductor.compile_threads = 4
+        from test_speed import _grid_compiles_in_process
+
+        def test_a_timing():
+            assert inductor.compile_threads == 1
+        """)
+    pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
 def test_the_grids_compile_step_takes_the_configs_a_k_expression_names():
