@@ -143,16 +143,17 @@ def main():
                     if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
                         continue
                     checked += 1
-                    log, shared, ptx = compile_log(kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
+                    constexprs = dict(extra, EDGES=key.endswith("masked"))
+                    log, shared, ptx = compile_log(kernel, d, tile, constexprs)
                     same = ""
                     if base is not None:
                         base_kernel = getattr(base, kernel.fn.__name__, None)
                         if base_kernel is None:
                             raise SystemExit(f"--against {args.against!r}: its triton_kernels.py has no "
                                              f"{kernel.fn.__name__}")
-                        _, _, base_ptx = compile_log(base_kernel, d, tile, dict(extra, EDGES=key.endswith("masked")))
-                        differ += _code(ptx) != _code(base_ptx)
-                        same = " same PTX" if _code(ptx) == _code(base_ptx) else " PTX DIFFERS"
+                        same_ptx = _code(ptx) == _code(compile_log(base_kernel, d, tile, constexprs)[2])
+                        differ += not same_ptx
+                        same = " same PTX" if same_ptx else " PTX DIFFERS"
                     bad, big = "C7515" in log, shared > SM90_SHARED_BYTES
                     serialized += bad
                     too_big += big

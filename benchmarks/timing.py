@@ -98,9 +98,9 @@ def host_us(call, calls=300, batches=7, synchronize=_cuda_synchronize):
 
 def descendants():
     """(processes, CPU seconds used so far) of this process's descendants, from /proc (Linux; (0, 0)
-    elsewhere): the background a timing shares the host with. Why: FlexAttention's compile starts
-    inductor's pool of compile workers (by torch's source, one process per core up to 32), and
-    every host piece of ours was 14-30 % slower right after it ran (H200, session 14)."""
+    elsewhere): the background a timing shares the host with. Why: FlexAttention's first call
+    starts inductor's pool of compile workers (by torch's source, one process per core up to 32),
+    and their start-up fell on the speed grid's next tests (H200, session 15)."""
     procs = {}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not name.isdigit():
