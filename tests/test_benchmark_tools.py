@@ -233,20 +233,20 @@ def _speed_module():
         sys.path.pop(0)
 
 
-def test_the_speed_grid_times_without_inductors_pool_of_compile_workers(pytester, monkeypatch):
+def test_the_speed_grid_times_without_inductors_pool_of_compile_workers(pytester):
     """The pool FlexAttention's first call starts would be starting up while the next tests time
     (test_speed.py says what it cost there): the grid's tests run with compile_threads = 1, and
     only they. Importing test_speed changes nothing: process_context.py imports it and times
     with the pool."""
     import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor, "compile_threads", 4)   # a pool, as on a GPU host
-    speed = _speed_module()
-    assert inductor.compile_threads == 4
-    with pytest.raises(RuntimeError):
-        with speed.compiling_in_process():
-            assert inductor.compile_threads == 1
-            raise RuntimeError
-    assert inductor.compile_threads == 4
+    with inductor.patch(compile_threads=4):   # a pool, as on a GPU host (monkeypatch's undo deletes
+        speed = _speed_module()               # the setting from torch's config: inductor then fails)
+        assert inductor.compile_threads == 4
+        with pytest.raises(RuntimeError):
+            with speed.compiling_in_process():
+                assert inductor.compile_threads == 1
+                raise RuntimeError
+        assert inductor.compile_threads == 4
     pytester.makepyfile(test_grid_like=f"""
         import sys
         sys.path.insert(0, {str(pathlib.Path(__file__).parents[1] / "benchmarks")!r})
