@@ -7,6 +7,10 @@ tuning cannot fix it. The ptxas bundled with Triton decides: run this under the 
 runs (the H100 image has triton 3.6; triton 3.8's ptxas does not warn for the same PTX).
 
 Run: python benchmarks/ptxas_check.py [--gpu nvidia-h100-80gb-hbm3]   (tiles from that GPU's table)
+
+Each tile compiles as it runs: its loop's loads through TMA descriptors unless the table says
+pointers (a tile name ending in 'p'); the ' pointers' variant compiles a TMA tile's fallback
+(tensors TMA cannot take, attention._tma_rows).
      python benchmarks/ptxas_check.py --against ab/base [--only "dkdv"]   (PTX the same as that copy's?)
 
 --against DIR compiles each specialization from DIR's triton_kernels.py too (a copy of kernels/,
@@ -49,21 +53,29 @@ def _args(d, extra):
         ints.update({prefix + s: v for s, v in zip("bhmd", strides)})
         ints.update({prefix + s: v for s, v in zip("bhnd", strides)})
     const = dict(BLOCK_D=d, EVEN_D=True, ALIGN_BOTTOM_RIGHT=False, KEYLEN_ON=False, MASK_KIND=0, DROPOUT=False,
-                 DOT_PRECISION="ieee", PRECISE_EXP=False, FOLD_SCALE=True, EDGES=False, CHECK_ROWS=False)
+                 DOT_PRECISION="ieee", PRECISE_EXP=False, FOLD_SCALE=True, EDGES=False, CHECK_ROWS=False, TMA=True)
     for k, v in extra.items():
         (const if k in const or k.startswith("BLOCK") else ints)[k] = v
     return ptr, ints, const
+
+
+# The tensors each kernel's loop loads through TMA descriptors where it can (attention._tma_pair).
+TMA_LOADS = {"_fwd_kernel": ("K", "V"), "_bwd_dkdv_kernel": ("Q", "DO"), "_bwd_dq_kernel": ("K", "V")}
 
 
 def compile_log(kernel, d, tile, extra):
     """ptxas -v output, shared memory bytes and PTX for one specialization, signature built as
     Triton's launcher would."""
     ptr, ints, const = _args(d, dict(extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n))
+    tma = const["TMA"] and any(p.name == "TMA" for p in kernel.params)   # an --against copy may predate TMA
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         name = p.name
         if p.is_constexpr:
             sig[name], constexprs[name] = "constexpr", const[name]
+        elif tma and name in TMA_LOADS.get(kernel.fn.__name__, ()):
+            rows = tile.block_n if name in ("K", "V") else tile.block_m
+            sig[name] = f"tensordesc<fp16[1, 1, {rows}, {d}]>"   # as attention._tma_rows builds it
         elif name in ptr:
             sig[name], attrs[(i,)] = ptr[name], [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale", "dropout_p"):
@@ -129,7 +141,7 @@ def main():
     kernels = {"fwd": tk._fwd_kernel, "dkdv": tk._bwd_dkdv_kernel, "dq": tk._bwd_dq_kernel}
     variants = {"": {}, " dropout": dict(DROPOUT=True), " gqa": dict(GROUP=2, HKV=H // 2),
                 " rows": dict(CHECK_ROWS=True), " boolmask": dict(MASK_KIND=1),
-                " addmask": dict(MASK_KIND=2, FOLD_SCALE=False)}
+                " addmask": dict(MASK_KIND=2, FOLD_SCALE=False), " pointers": dict(TMA=False)}
     print(f"triton {triton.__version__}, ptxas {PTXAS}")
     serialized, too_big, checked, differ = 0, 0, 0, 0
     for key, by_n in sorted(table.items()):
@@ -140,10 +152,11 @@ def main():
                 tiles.setdefault(getattr(config, name), []).append(f"{n // 1024}K")
             for tile, ns in tiles.items():
                 for label, extra in variants.items():
-                    if (label == " rows" and name != "dkdv") or args.only not in f"{key} {name}":
+                    if ((label == " rows" and name != "dkdv") or (label == " pointers" and not tile.tma)
+                            or args.only not in f"{key} {name}"):
                         continue
                     checked += 1
-                    constexprs = dict(extra, EDGES=key.endswith("masked"))
+                    constexprs = dict(dict(TMA=tile.tma), **extra, EDGES=key.endswith("masked"))
                     log, shared, ptx = compile_log(kernel, d, tile, constexprs)
                     same = ""
                     if base is not None:
@@ -160,7 +173,8 @@ def main():
                     usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
                                      if "spill" in line or "Used" in line)
                     verdict = "SERIALIZED" if bad else "NO-FIT" if big else "ok"
-                    where = f"{tile.block_m}x{tile.block_n}w{tile.num_warps}s{tile.num_stages} N{'/'.join(ns)}"
+                    where = (f"{tile.block_m}x{tile.block_n}w{tile.num_warps}s{tile.num_stages}{'' if tile.tma else 'p'}"
+                             f" N{'/'.join(ns)}")
                     print(f"{verdict:10s} {key:12s} {name:4s}{label:10s} {where:22s} smem {shared} {usage}{same}",
                           flush=True)
     if not checked:

@@ -2,7 +2,8 @@
 
 For each head dim (64, 128) and mask (dense, causal), each kernel (forward, dK/dV, dQ) runs with
 every candidate tile (block_m, block_n, num_warps, num_stages) at N = 1K, 4K, 16K (B = 32K / N,
-H = 16, fp16, the speed grid's shapes). The overall winner has the lowest geometric mean of time
+H = 16, fp16, the speed grid's shapes); the chosen tile is then timed with its loads through TMA
+descriptors and through pointers, and takes the faster (the table's fifth value, tma). The overall winner has the lowest geometric mean of time
 over the fastest candidate's at each N; at an N where another candidate is more than NOISE faster
 (beyond do_bench's run-to-run spread), that one is taken for that N. A tile of the committed table
 stays unless the choice beats it by more than NOISE (--fresh: ignore the committed table), so a
@@ -129,6 +130,21 @@ def choose(timings, ns, held=None):
     return chosen
 
 
+def _faster_loads(problem, causal, kernel, config, tile, do_bench):
+    """{"tma": ms, "pointers": ms}: the chosen tile timed with its loop's loads through TMA
+    descriptors and through pointers (attention._tma_pair), one after the other. The faster is
+    taken: TMA is not faster everywhere (H200: the D=64 dense forward 2-6 % slower, the D=128
+    forward 5-13 % faster, docs/performance.md session 16), and either way the results are
+    bitwise the same, so a choice moved by noise moves no golden figure."""
+    a = _attn()
+    q, k, v, do, fwd_out = problem
+    times = {}
+    for label, tma in (("tma", True), ("pointers", False)):
+        with_loads = dataclasses.replace(config, **{kernel: a.Tile(*tile, tma=tma)})
+        times[label] = do_bench(lambda: _run(q, k, v, do, causal, kernel, with_loads, fwd_out), warmup=10, rep=40)
+    return times
+
+
 def _rel(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
@@ -166,10 +182,11 @@ def main(argv=None):
             current = {n: a.default_config(d, torch.float16, masked=causal) for n in NS}   # fixed tiles
             timings[key] = {}
             for kernel in ("fwd", "dkdv", "dq"):   # dq is timed with the chosen dkdv tiles, and so on
-                per_n = {}
+                per_n, problems = {}, {}
                 for n in NS:
                     q, k, v, do = _inputs(TOKENS // n, n, d)
                     o, _, stats = a._forward(q, k, v, _problem(q, k, v, causal, current[n]))
+                    problems[n] = (q, k, v, do, (o, stats))
                     ref = _run(q, k, v, do, causal, kernel, current[n], (o, stats))
                     for tile in CANDIDATES[kernel]:
                         name = _tile_name(tile)
@@ -192,9 +209,13 @@ def main(argv=None):
                         for n in NS if n in incumbents.get(key, {})}
                 for n, name in choose(per_n, NS, held).items():
                     chosen = per_n[name]
-                    current[n] = dataclasses.replace(current[n], **{kernel: a.Tile(*chosen["tile"])})
+                    tma = _faster_loads(problems[n], causal, kernel, current[n], chosen["tile"], do_bench)
+                    chosen.setdefault("loads_ms", {})[f"N{n}"] = tma
+                    tile = a.Tile(*chosen["tile"], tma=tma["tma"] <= tma["pointers"])
+                    current[n] = dataclasses.replace(current[n], **{kernel: tile})
                     kept = " (the committed tile, within NOISE of the fastest)" if name == held.get(n) else ""
-                    print(f"{key} {kernel} N{n}: {chosen['tile']} {chosen[f'N{n}']:.3f} ms{kept}", flush=True)
+                    print(f"{key} {kernel} N{n}: {chosen['tile']} {chosen[f'N{n}']:.3f} ms{kept}; loads: TMA "
+                          f"{tma['tma']:.3f}, pointers {tma['pointers']:.3f} ms", flush=True)
                 timings[key][kernel] = dict(sorted(per_n.items(), key=lambda kv: kv[1].get("score", 1e9)))
             tiles[key] = {f"N{n}": {kern: list(dataclasses.astuple(getattr(current[n], kern)))
                                     for kern in ("fwd", "dkdv", "dq")} for n in NS}

@@ -8,6 +8,7 @@ a crash inside a kernel or a silently wrong answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import triton_kernels as tk
 
@@ -40,6 +42,7 @@ class Tile:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = True   # the loop's tile loads through TMA descriptors where the tensors allow (_tma_pair)
 
 
 @dataclass(frozen=True)
@@ -452,8 +455,9 @@ def _arg_key(kernel, args) -> tuple:
     u64) for parameters the kernel does not specialize on (seed, win_left, ...); nothing more for
     a float (never specialized). TypeError for an argument of any other type."""
     types = tuple(map(type, args))
-    tensors, by_value, by_range = _key_getters(kernel, types)
-    return (types, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors(args)]), by_value(args),
+    tensors, descriptors, by_value, by_range = _key_getters(kernel, types)
+    return (types, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors(args)]),
+            tuple([(d.base.dtype, tuple(d.block_shape), d.padding) for d in descriptors(args)]), by_value(args),
             tuple([(a in _I32, a in _I64) for a in by_range(args)]))
 
 
@@ -464,17 +468,19 @@ def _key_getters(kernel, types: tuple):
     _arg_key runs no Python test per argument (a launch has 20-45: 12 us of the forward's host
     time as one conditional per argument, on the development CPU)."""
     unspecialized = _unspecialized(kernel)
-    tensors, by_value, by_range = [], [], []
+    tensors, descriptors, by_value, by_range = [], [], [], []
     for i, t in enumerate(types):
         if t is torch.Tensor:
             tensors.append(i)
+        elif t is TensorDescriptor:
+            descriptors.append(i)
         elif t is int and i in unspecialized:
             by_range.append(i)
         elif t in (int, bool):
             by_value.append(i)
         elif t is not float:
             raise TypeError(f"no launch key for a {t.__name__}")
-    return _getter(tensors), _getter(by_value), _getter(by_range)
+    return _getter(tensors), _getter(descriptors), _getter(by_value), _getter(by_range)
 
 
 def _getter(positions: list):
@@ -516,12 +522,55 @@ def _forward(q, k, v, pb: _Problem):
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (_cdiv(nq, t.block_m), B * H)
+    flags = _flags(pb, D)
+    k_rows, v_rows, tma = _tma_pair(k, v, t.block_n, flags["BLOCK_D"], t)
     _launch(
         tk._fwd_kernel, grid, t,
-        q, k, v, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        q, k_rows, v_rows, o, lse, stats, mask, keylen, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
         H, H // Hkv, nq, nk, D, pb.score_scale, pb.win_left, pb.win_right, pb.dropout_p, pb.seed, logl_at,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **_flags(pb, D))
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), TMA=tma, **flags)
     return o, lse, stats
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90 on); the interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_rows(t, rows: int, block_d: int):
+    """A TMA descriptor of `t` (B, H, N, D) that loads (1, 1, rows, block_d) blocks, or None where
+    TMA cannot take `t`: float32 (its tf32 dots want other operand layouts), a GPU without TMA,
+    a base or stride not 16-byte aligned, a stride of 0. Why: a loop's tile loads then issue from one thread,
+    with no addresses in registers, and rows past N and columns past D load as zeros with no mask
+    computed (the dK/dV kernel is register-bound at D=128, docs/performance.md)."""
+    b, h, n, d = t.stride()
+    if (t.dtype == torch.float32 or d != 1 or t.data_ptr() % 16 or (b | h | n) % 8 or not (b and h and n)
+            or not _has_tma(t.device)):   # strides of 8 16-bit elements: 16 bytes; none 0 (an expanded dO)
+        return None
+    # As TensorDescriptor(t, shape, strides, block_shape) but without its __post_init__'s checks
+    # (5 us a descriptor on the development CPU, against 1): the test above covers them.
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape), strides=list(t.stride()),
+                         block_shape=[1, 1, rows, block_d])
+    return desc
+
+
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING}
+
+
+def _tma_pair(a, b, rows: int, block_d: int, tile: Tile):
+    """(a, b, True) as TMA descriptors (_tma_rows) where the tile takes TMA and both tensors can
+    be, else (a, b, False) as they are: a kernel's loop loads its two tensors one way. Tiles
+    choose because TMA is not faster everywhere (H200: the D=64 dense forward 2-6 % slower, the
+    D=128 forward 5-13 % faster; kernels/tiles/nvidia-h200.json)."""
+    if not tile.tma:
+        return a, b, False
+    a_rows, b_rows = _tma_rows(a, rows, block_d), _tma_rows(b, rows, block_d)
+    if a_rows is None or b_rows is None:
+        return a, b, False
+    return a_rows, b_rows, True
 
 
 @functools.lru_cache(maxsize=None)
@@ -560,19 +609,21 @@ def _backward(q, k, v, o, stats, do, pb: _Problem):
     if on_gpu:   # the side stream starts after the delta kernel, before dK/dV (which it must not wait for)
         side.wait_stream(caller)
     t = pb.config.dkdv
+    q_rows, do_rows, tma = _tma_pair(q, do, t.block_m, flags["BLOCK_D"], t)
     _launch(
         tk._bwd_dkdv_kernel, (_cdiv(nk, t.block_n), B * Hkv), t,
-        q, k, v, do, stats, delta, dk, dv, mask, keylen,
+        q_rows, k, v, do_rows, stats, delta, dk, dv, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         H, Hkv, *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, CHECK_ROWS=nq % t.block_m != 0,
-        EDGES=_edges(pb, nk), **flags)
+        EDGES=_edges(pb, nk), TMA=tma, **flags)
     t = pb.config.dq
+    k_rows, v_rows, tma = _tma_pair(k, v, t.block_n, flags["BLOCK_D"], t)
     _launch(
         tk._bwd_dq_kernel, (_cdiv(nq, t.block_m), B * H), t,
-        q, k, v, do, stats, delta, dq, mask, keylen,
+        q, k_rows, v_rows, do, stats, delta, dq, mask, keylen,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
         H, *common, stream=side if on_gpu else None,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), **flags)
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, EDGES=_edges(pb, nk, t.block_n), TMA=tma, **flags)
     if on_gpu:
         caller.wait_stream(side)
     return dq, dk, dv

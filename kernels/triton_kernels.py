@@ -270,11 +270,18 @@ def _load_tile(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexp
 
 
 @triton.jit
-def _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE: tl.constexpr, EVEN_D: tl.constexpr):
-    """The key and value tiles of the key block at offs_n (forward and dQ loops)."""
-    n_ok = offs_n[:, None] < NK
-    k = _load_tile(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, EDGE, EVEN_D)
-    v = _load_tile(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, n_ok, d_ok, EDGE, EVEN_D)
+def _load_kv(k_base, v_base, b, hk, start_n, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """The key and value tiles of the key block at offs_n (forward and dQ loops). TMA: k_base and
+    v_base are the tensor descriptors of K and V (attention._tma_rows), which load rows past NK
+    and columns past D as zeros."""
+    if TMA:
+        k = k_base.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_base.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        n_ok = offs_n[:, None] < NK
+        k = _load_tile(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, EDGE, EVEN_D)
+        v = _load_tile(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, n_ok, d_ok, EDGE, EVEN_D)
     return k, v
 
 
@@ -283,12 +290,13 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_
                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p, seed,
                 BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr,
-                FOLD_SCALE: tl.constexpr):
+                FOLD_SCALE: tl.constexpr, b, hk, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over the key blocks [start, end) for one query block."""
     c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
+        k, v = _load_kv(k_base, v_base, b, hk, start_n, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, BLOCK_N, BLOCK_D,
+                        EDGE, EVEN_D, TMA)
         s2 = _masked_scores(_dot(q, tl.trans(k), DOT_PRECISION), offs_m[:, None], offs_n[None, :], nk, shift,
                             win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, EDGE, MASK_KIND, PRECISE_EXP,
                             FOLD_SCALE)
@@ -312,7 +320,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                 ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
+                PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -324,8 +332,11 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < NQ) & d_ok, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
@@ -340,16 +351,16 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn, skd, svn,
                                     svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
                                     dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
-                                    PRECISE_EXP, FOLD_SCALE)
+                                    PRECISE_EXP, FOLD_SCALE, b, hk, BLOCK_D, TMA)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn, skd,
                                 svn, svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
                                 dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
-                                PRECISE_EXP, FOLD_SCALE)
+                                PRECISE_EXP, FOLD_SCALE, b, hk, BLOCK_D, TMA)
     if EDGES:
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn, skd, svn,
                                     svd, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh,
                                     dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION,
-                                    PRECISE_EXP, FOLD_SCALE)
+                                    PRECISE_EXP, FOLD_SCALE, b, hk, BLOCK_D, TMA)
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -456,7 +467,8 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
                  sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK,
                  qk_scale, dropout_p, seed, BLOCK_M: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
                  MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
+                 PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr, b, h,
+                 BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     """dK, dV contributions of the query blocks [lo, hi) of one query head, on transposed tiles
     (keys as rows).
 
@@ -472,8 +484,11 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
     c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
-                         offs_d[:, None] < D, CHECK_ROWS, EVEN_D)                    # [D, M]
+        if TMA:
+            q_t = tl.trans(q_base.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))   # [D, M]
+        else:
+            q_t = _load_tile(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, offs_m[None, :] < NQ,
+                             offs_d[:, None] < D, CHECK_ROWS, EVEN_D)                    # [D, M]
         row_max, row_logl = _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, CHECK_ROWS, PRECISE_EXP)
         s2_t = _masked_scores(_dot(k, q_t, DOT_PRECISION), offs_m[None, :], offs_n[:, None], nk, shift, win_left,
                               win_right, mask_base, smm, smn, NQ, NK, qk_scale, False, MASK_KIND, PRECISE_EXP,
@@ -483,8 +498,11 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, 
                 s2_t = _window_mask(s2_t, offs_m[None, :], offs_n[:, None], nk, shift, win_left, win_right, NQ)
         p_t, p_drop_t, keep_t = _bwd_probs(s2_t, c, row_max[None, :], row_logl[None, :], offs_m[None, :],
                                            offs_n[:, None], bh, NQ, NK, dropout_p, seed, DROPOUT, PRECISE_EXP)
-        do = _load_tile(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, offs_m[:, None] < NQ, d_ok,
-                        CHECK_ROWS, EVEN_D)
+        if TMA:
+            do = do_base.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            do = _load_tile(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, offs_m[:, None] < NQ, d_ok,
+                            CHECK_ROWS, EVEN_D)
         dv += _dot(_cast(p_drop_t, do.dtype), do, DOT_PRECISION)
         delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, CHECK_ROWS)
         dp_t = _dot(v, tl.trans(do), DOT_PRECISION)                                     # [N, M]
@@ -503,7 +521,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
                      ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr,
-                     CHECK_ROWS: tl.constexpr):
+                     CHECK_ROWS: tl.constexpr, TMA: tl.constexpr):
     """One key block of one KV head; loops over the query heads of its GQA group (no atomics)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -526,13 +544,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, MASK, KEYLEN,
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
+        if TMA:
+            q_base, do_base = Q, DO
+        else:
+            q_base = Q + b * sqb + h * sqh
+            do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lo, mid_lo, mid_hi, hi, offs_n, offs_d, D, d_ok, sqm, sqd,
                               sdom, sdod, STATS, STATS_LOGL, DELTA, bh, nk, shift, win_left, win_right, mask_base, smm,
                               smn, NQ, NK, qk_scale, dropout_p, seed, BLOCK_M, CHECK_ROWS, EVEN_D, MASK_KIND, DROPOUT,
-                              DOT_PRECISION, PRECISE_EXP, FOLD_SCALE, EDGES)
+                              DOT_PRECISION, PRECISE_EXP, FOLD_SCALE, EDGES, b, h, BLOCK_D, TMA)
 
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -546,12 +567,13 @@ def _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, start, end, 
                svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, dropout_p, seed,
                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP: tl.constexpr,
-               FOLD_SCALE: tl.constexpr):
+               FOLD_SCALE: tl.constexpr, b, hk, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     """dQ contributions of the key blocks [start, end) for one query block."""
     c = _exponent_scale(qk_scale, FOLD_SCALE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, EDGE, EVEN_D)
+        k, v = _load_kv(k_base, v_base, b, hk, start_n, offs_n, offs_d, d_ok, skn, skd, svn, svd, NK, BLOCK_N, BLOCK_D,
+                        EDGE, EVEN_D, TMA)
         s = _dot(q, tl.trans(k), DOT_PRECISION)
         dp = _dot(do, tl.trans(v), DOT_PRECISION)
         s2 = _masked_scores(s, offs_m[:, None], offs_n[None, :], nk, shift, win_left, win_right, mask_base, smm, smn,
@@ -571,7 +593,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                    ALIGN_BOTTOM_RIGHT: tl.constexpr, KEYLEN_ON: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr):
+                   PRECISE_EXP: tl.constexpr, FOLD_SCALE: tl.constexpr, EDGES: tl.constexpr, TMA: tl.constexpr):
     """One query block of one head: dQ = sum over key blocks of dS . K."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -587,8 +609,11 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                  mask=m_ok, other=0.0)
     row_max, row_logl = _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, True, PRECISE_EXP)
     delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, True)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
@@ -602,16 +627,16 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
         dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, lo, mid_lo, offs_m, offs_d, d_ok, skn,
                         skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
                         dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
-                        FOLD_SCALE)
+                        FOLD_SCALE, b, hk, BLOCK_D, TMA)
     dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_lo, mid_hi, offs_m, offs_d, d_ok, skn,
                     skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
                     dropout_p, seed, BLOCK_N, False, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
-                    FOLD_SCALE)
+                    FOLD_SCALE, b, hk, BLOCK_D, TMA)
     if EDGES or MASK_KIND != MASK_NONE:
         dq = _dq_blocks(dq, q, do, row_max, row_logl, delta, k_base, v_base, mid_hi, hi, offs_m, offs_d, d_ok, skn,
                         skd, svn, svd, bh, nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale,
                         dropout_p, seed, BLOCK_N, True, EVEN_D, MASK_KIND, DROPOUT, DOT_PRECISION, PRECISE_EXP,
-                        FOLD_SCALE)
+                        FOLD_SCALE, b, hk, BLOCK_D, TMA)
 
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,

@@ -527,6 +527,58 @@ def test_stages_do_not_change_results(monkeypatch, device):
         assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("case", [
+    Case(heads_q=4, heads_kv=2, seqlen_q=100, seqlen_k=77, head_dim=72, causal=True, mask="bool",
+         dropout_p=0.2, seed=5),
+    Case(seqlen_q=64, seqlen_k=130, head_dim=64, dtype="bfloat16", layout="bnhd"),
+], ids=["gqa-causal-mask-dropout-d72", "bf16-bnhd"])
+def test_tma_loads_give_the_pointer_loads_results(monkeypatch, device, case):
+    """Loads through TMA descriptors (attention._tma_pair) are exact: bitwise the results of the
+    same tiles loading through pointers, with rows past N and columns past D (D=72 in a 128-wide
+    tile) zero-filled by the descriptor where the pointer loads mask them. Fails if no kernel took
+    TMA, so it cannot pass by never running that path (on a GPU without TMA it is skipped)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    x = case.inputs(device)
+    if not a._has_tma(x.q.device):
+        pytest.skip("this GPU has no TMA (sm_90 on)")
+    kw = dict(causal=case.causal, attn_mask=x.attn_mask, dropout_p=case.dropout_p, seed=case.seed)
+    config = a.default_config(case.head_dim, x.q.dtype, masked=case.causal, device=x.q.device,
+                              seqlen=max(case.seqlen_q, case.seqlen_k))
+    taken = []
+    tma_rows = a._tma_rows
+    monkeypatch.setattr(a, "_tma_rows", lambda *args: taken.append(tma_rows(*args)) or taken[-1])
+    everywhere = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, t.num_stages, True)
+                                  for t in (config.fwd, config.dkdv, config.dq)))
+    monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: everywhere)
+    with_tma = _grads(x.q, x.k, x.v, x.do, **kw)
+    assert len(taken) == 6 and all(d is not None for d in taken), "every kernel should have loaded through TMA"
+    nowhere = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, t.num_stages, False)
+                               for t in (config.fwd, config.dkdv, config.dq)))
+    monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: nowhere)
+    for name, first, again in zip(("O", "dQ", "dK", "dV"), with_tma, _grads(x.q, x.k, x.v, x.do, **kw)):
+        assert torch.equal(first, again), f"{name}: TMA loads differ from pointer loads"
+
+
+def test_tma_only_where_the_descriptor_is_valid(device):
+    """TMA takes 16-bit tensors with a 16-byte-aligned base, 16-byte-aligned nonzero strides and a
+    unit last stride; anything else loads through pointers (attention._tma_rows returns None)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    q = torch.zeros(2, 3, 40, 64, dtype=torch.float16, device=device)
+    if not a._has_tma(q.device):
+        pytest.skip("this GPU has no TMA (sm_90 on)")
+    assert a._tma_rows(q, 32, 64) is not None
+    assert a._tma_rows(q.transpose(1, 2).contiguous().transpose(1, 2), 32, 64) is not None   # (B, N, H, D)
+    refused = {
+        "float32": q.float(),
+        "base off 16 bytes": torch.zeros(2 * 3 * 40 * 64 + 1, dtype=torch.float16, device=device)[1:].view(2, 3, 40, 64),
+        "row stride off 16 bytes": torch.zeros(2, 3, 40, 68, dtype=torch.float16, device=device)[..., :60],
+        "stride 0 (expanded)": torch.zeros((), dtype=torch.float16, device=device).expand(2, 3, 40, 64),
+        "last stride 2": torch.zeros(2, 3, 40, 128, dtype=torch.float16, device=device)[..., ::2],
+    }
+    for why, t in refused.items():
+        assert a._tma_rows(t, 32, 64) is None, why
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams exist on a GPU only")
 def test_backward_on_two_streams_is_the_one_stream_backward(monkeypatch, device):
     """dQ runs on a side stream beside dK/dV (attention._backward): its results must be bitwise those
