@@ -82,9 +82,15 @@ def tuned_tiles(slug: str) -> dict:
     if table.get("schema") != TILES_SCHEMA:
         raise ValueError(f"{path}: schema {table.get('schema')!r} is not {TILES_SCHEMA!r}; "
                          "re-measure it with benchmarks/tune.py")
-    return {key: {int(n.lstrip("N")): LaunchConfig(*(Tile(*entry[kernel]) for kernel in ("fwd", "dkdv", "dq")))
+    return {key: {int(n.lstrip("N")): LaunchConfig(*(_table_tile(entry[kernel]) for kernel in ("fwd", "dkdv", "dq")))
                   for n, entry in by_n.items()}
             for key, by_n in table["tiles"].items()}
+
+
+def _table_tile(entry: list) -> Tile:
+    """[block_m, block_n, num_warps, num_stages, tma]; an entry without tma was tuned before the
+    kernels had TMA loads, so it keeps the pointer loads it was measured with."""
+    return Tile(*entry) if len(entry) == 5 else Tile(*entry, tma=False)
 
 
 def nearest_tuned(tuned_ns, seqlen: int) -> int:

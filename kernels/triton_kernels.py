@@ -27,6 +27,9 @@ Conventions shared by every kernel:
   window, where no per-score masking runs (causal loop splitting): three loops in the forward and
   dQ kernels, one loop with a runtime edge test in dK/dV (see _dkdv_blocks). Blocks wholly
   outside the window are not visited.
+* the loops' tile loads (K, V in the forward and dQ kernels, Q, dO in dK/dV) go through TMA
+  tensor descriptors under the TMA constexpr, else through pointers with masks: the same
+  values, so the same bits (attention._tma_pair decides per tile and tensor).
 """
 
 import os

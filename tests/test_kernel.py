@@ -4,6 +4,7 @@ Every case must pass both error bounds of flashverify.bounds (a priori and refer
 ratio, per tensor); the pass/fail rule is bounds.judge, the same one the CLI uses.
 """
 
+import dataclasses
 import importlib
 import math
 import os
@@ -520,8 +521,7 @@ def test_stages_do_not_change_results(monkeypatch, device):
     tuned = _grads(x.q, x.k, x.v, x.do, **kw)
     config = a.default_config(128, x.q.dtype, masked=True, device=x.q.device, seqlen=300)
     assert max(t.num_stages for t in (config.fwd, config.dkdv, config.dq)) > 1
-    one_stage = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, 1)
-                                 for t in (config.fwd, config.dkdv, config.dq)))
+    one_stage = a.LaunchConfig(*(dataclasses.replace(t, num_stages=1) for t in (config.fwd, config.dkdv, config.dq)))
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: one_stage)
     for first, again in zip(tuned, _grads(x.q, x.k, x.v, x.do, **kw)):
         assert torch.equal(first, again)
@@ -557,6 +557,15 @@ def test_tma_loads_give_the_pointer_loads_results(monkeypatch, device, case):
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: nowhere)
     for name, first, again in zip(("O", "dQ", "dK", "dV"), with_tma, _grads(x.q, x.k, x.v, x.do, **kw)):
         assert torch.equal(first, again), f"{name}: TMA loads differ from pointer loads"
+
+
+def test_table_entries_tuned_before_tma_keep_pointer_loads():
+    """A tile-table entry of four values was tuned on pointer loads (the H100 table): it keeps them."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    assert a._table_tile([64, 128, 8, 3]) == a.Tile(64, 128, 8, 3, tma=False)
+    assert a._table_tile([64, 128, 8, 3, True]) == a.Tile(64, 128, 8, 3, tma=True)
+    assert all(not t.tma for by_n in a.tuned_tiles("nvidia-h100-80gb-hbm3").values() for c in by_n.values()
+               for t in (c.fwd, c.dkdv, c.dq))
 
 
 def test_tma_only_where_the_descriptor_is_valid(device):
