@@ -3,9 +3,10 @@
 For each head dim (64, 128) and mask (dense, causal), each kernel (forward, dK/dV, dQ) runs with
 every candidate tile (block_m, block_n, num_warps, num_stages) at N = 1K, 4K, 16K (B = 32K / N,
 H = 16, fp16, the speed grid's shapes); the chosen tile is then timed with its loads through TMA
-descriptors and through pointers, and takes the faster (the table's fifth value, tma). The overall winner has the lowest geometric mean of time
-over the fastest candidate's at each N; at an N where another candidate is more than NOISE faster
-(beyond do_bench's run-to-run spread), that one is taken for that N. A tile of the committed table
+descriptors and through pointers, and takes the faster (the table's fifth value, tma). The
+overall winner has the lowest geometric mean of time over the fastest candidate's at each N; at
+an N where another candidate is more than NOISE faster (beyond do_bench's run-to-run spread),
+that one is taken for that N. A tile of the committed table
 stays unless the choice beats it by more than NOISE (--fresh: ignore the committed table), so a
 re-tune changes only what it measured to be faster (see choose). The kernel picks the tiles of
 the tuned N nearest its problem's (attention.default_config). The table serves fp16 and bf16
@@ -134,7 +135,7 @@ def _faster_loads(problem, causal, kernel, config, tile, do_bench):
     """{"tma": ms, "pointers": ms}: the chosen tile timed with its loop's loads through TMA
     descriptors and through pointers (attention._tma_pair), one after the other. The faster is
     taken: TMA is not faster everywhere (H200: the D=64 dense forward 2-6 % slower, the D=128
-    forward 5-13 % faster, docs/performance.md session 16), and either way the results are
+    forward 2-13 % faster, docs/performance.md session 16), and either way the results are
     bitwise the same, so a choice moved by noise moves no golden figure."""
     a = _attn()
     q, k, v, do, fwd_out = problem

@@ -547,9 +547,9 @@ def _has_tma(device: torch.device) -> bool:
 def _tma_rows(t, rows: int, block_d: int):
     """A TMA descriptor of `t` (B, H, N, D) that loads (1, 1, rows, block_d) blocks, or None where
     TMA cannot take `t`: float32 (its tf32 dots want other operand layouts), a GPU without TMA,
-    a base or stride not 16-byte aligned, a stride of 0. Why: a loop's tile loads then issue from one thread,
-    with no addresses in registers, and rows past N and columns past D load as zeros with no mask
-    computed (the dK/dV kernel is register-bound at D=128, docs/performance.md)."""
+    a base or stride not 16-byte aligned, a stride of 0. Why: a loop's tile loads then issue from
+    one thread, with no addresses in registers, and rows past N and columns past D load as zeros
+    with no mask computed (H200: the D=128 forward 2-13 % faster, docs/performance.md session 16)."""
     b, h, n, d = t.stride()
     if (t.dtype == torch.float32 or d != 1 or t.data_ptr() % 16 or (b | h | n) % 8 or not (b and h and n)
             or not _has_tma(t.device)):   # strides of 8 16-bit elements: 16 bytes; none 0 (an expanded dO)
@@ -570,7 +570,7 @@ def _tma_pair(a, b, rows: int, block_d: int, tile: Tile):
     """(a, b, True) as TMA descriptors (_tma_rows) where the tile takes TMA and both tensors can
     be, else (a, b, False) as they are: a kernel's loop loads its two tensors one way. Tiles
     choose because TMA is not faster everywhere (H200: the D=64 dense forward 2-6 % slower, the
-    D=128 forward 5-13 % faster; kernels/tiles/nvidia-h200.json)."""
+    D=128 forward 2-13 % faster; kernels/tiles/nvidia-h200.json)."""
     if not tile.tma:
         return a, b, False
     a_rows, b_rows = _tma_rows(a, rows, block_d), _tma_rows(b, rows, block_d)
