@@ -65,6 +65,31 @@ def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
     assert tune.choose(timings, NS, held={n: "gone" for n in NS}) == {n: "a" for n in NS}
 
 
+def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(monkeypatch):
+    """tune._faster_loads runs the kernel once with each load path, the tile otherwise unchanged
+    (here on the interpreter, with a stand-in for do_bench that reports which path the dK/dV
+    kernel's tile took: TMA "faster" when it was TMA)."""
+    import importlib
+    import torch
+    a = importlib.import_module("flashverify.kernels.attention")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 40, 32, generator=g).half() for _ in range(4))
+    config = a.default_config(32, torch.float16)
+    o, _, stats = a._forward(q, k, v, tune._problem(q, k, v, False, config))
+    tma_pair, tiles = a._tma_pair, []
+    monkeypatch.setattr(a, "_tma_pair", lambda *args: tiles.append(args[-1]) or tma_pair(*args))
+
+    def do_bench(fn, warmup, rep):
+        tiles.clear()
+        fn()
+        dkdv = tiles[0]   # _backward launches dK/dV first
+        assert (dkdv.block_m, dkdv.block_n, dkdv.num_warps, dkdv.num_stages) == (16, 16, 4, 2)
+        return 1.0 if dkdv.tma else 2.0
+
+    got = tune._faster_loads((q, k, v, do, (o, stats)), False, "dkdv", config, [16, 16, 4, 2], do_bench)
+    assert got == {"tma": 1.0, "pointers": 2.0}
+
+
 # --- summarize ------------------------------------------------------------------------------------
 
 def _grid_file(path, tflops_by_impl, back_to_back=True):
