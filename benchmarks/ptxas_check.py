@@ -7,11 +7,11 @@ tuning cannot fix it. The ptxas bundled with Triton decides: run this under the 
 runs (the H100 image has triton 3.6; triton 3.8's ptxas does not warn for the same PTX).
 
 Run: python benchmarks/ptxas_check.py [--gpu nvidia-h100-80gb-hbm3]   (tiles from that GPU's table)
+     python benchmarks/ptxas_check.py --against ab/base [--only "dkdv"]   (PTX the same as that copy's?)
 
 Each tile compiles as it runs: its loop's loads through TMA descriptors unless the table says
 pointers (a tile name ending in 'p'); the ' pointers' variant compiles a TMA tile's fallback
 (tensors TMA cannot take, attention._tma_rows).
-     python benchmarks/ptxas_check.py --against ab/base [--only "dkdv"]   (PTX the same as that copy's?)
 
 --against DIR compiles each specialization from DIR's triton_kernels.py too (a copy of kernels/,
 as ab_kernel.py takes) and says whether the PTX is the same, source line records aside. Why: a
@@ -156,7 +156,7 @@ def main():
                             or args.only not in f"{key} {name}"):
                         continue
                     checked += 1
-                    constexprs = dict(dict(TMA=tile.tma), **extra, EDGES=key.endswith("masked"))
+                    constexprs = {"TMA": tile.tma, **extra, "EDGES": key.endswith("masked")}
                     log, shared, ptx = compile_log(kernel, d, tile, constexprs)
                     same = ""
                     if base is not None:

@@ -550,14 +550,15 @@ def _tma_rows(t, rows: int, block_d: int):
     a base or stride not 16-byte aligned, a stride of 0. Why: a loop's tile loads then issue from
     one thread, with no addresses in registers, and rows past N and columns past D load as zeros
     with no mask computed (H200: the D=128 forward 2-13 % faster, docs/performance.md session 16)."""
-    b, h, n, d = t.stride()
+    strides = t.stride()
+    b, h, n, d = strides
     if (t.dtype == torch.float32 or d != 1 or t.data_ptr() % 16 or (b | h | n) % 8 or not (b and h and n)
             or not _has_tma(t.device)):   # strides of 8 16-bit elements: 16 bytes; none 0 (an expanded dO)
         return None
     # As TensorDescriptor(t, shape, strides, block_shape) but without its __post_init__'s checks
     # (5 us a descriptor on the development CPU, against 1): the test above covers them.
     desc = object.__new__(TensorDescriptor)
-    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape), strides=list(t.stride()),
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape), strides=list(strides),
                          block_shape=[1, 1, rows, block_d])
     return desc
 

@@ -289,6 +289,17 @@ def _load_kv(k_base, v_base, b, hk, start_n, offs_n, offs_d, d_ok, skn, skd, svn
 
 
 @triton.jit
+def _kv_bases(K, V, b, hk, skb, skh, svb, svh, TMA: tl.constexpr):
+    """What _load_kv takes for KV head hk of batch b: the descriptors themselves (TMA, which
+    address by coordinates), else the pointers to that head's first row."""
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base, v_base = K + b * skb + hk * skh, V + b * svb + hk * svh
+    return k_base, v_base
+
+
+@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, offs_d, d_ok, skn, skd, svn, svd,
                 nk, shift, win_left, win_right, mask_base, smm, smn, NQ, NK, qk_scale, bh, dropout_p, seed,
                 BLOCK_N: tl.constexpr, EDGE: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -335,11 +346,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STATS, MASK, KEYLEN,
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < NQ) & d_ok, other=0.0)
-    if TMA:
-        k_base, v_base = K, V
-    else:
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
+    k_base, v_base = _kv_bases(K, V, b, hk, skb, skh, svb, svh, TMA)
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)
@@ -612,11 +619,7 @@ def _bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, MASK, KEYLEN,
                  mask=m_ok, other=0.0)
     row_max, row_logl = _row_stats(STATS, STATS_LOGL, bh, offs_m, NQ, True, PRECISE_EXP)
     delta = _load_rows(DELTA + bh * NQ, offs_m, NQ, True)
-    if TMA:
-        k_base, v_base = K, V
-    else:
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
+    k_base, v_base = _kv_bases(K, V, b, hk, skb, skh, svb, svh, TMA)
     mask_base = MASK + b * smb + h * smh
 
     nk, shift = _key_length_and_shift(KEYLEN, b, NQ, NK, KEYLEN_ON, ALIGN_BOTTOM_RIGHT)

@@ -547,13 +547,11 @@ def test_tma_loads_give_the_pointer_loads_results(monkeypatch, device, case):
     taken = []
     tma_rows = a._tma_rows
     monkeypatch.setattr(a, "_tma_rows", lambda *args: taken.append(tma_rows(*args)) or taken[-1])
-    everywhere = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, t.num_stages, True)
-                                  for t in (config.fwd, config.dkdv, config.dq)))
+    everywhere = a.LaunchConfig(*(dataclasses.replace(t, tma=True) for t in (config.fwd, config.dkdv, config.dq)))
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: everywhere)
     with_tma = _grads(x.q, x.k, x.v, x.do, **kw)
     assert len(taken) == 6 and all(d is not None for d in taken), "every kernel should have loaded through TMA"
-    nowhere = a.LaunchConfig(*(a.Tile(t.block_m, t.block_n, t.num_warps, t.num_stages, False)
-                               for t in (config.fwd, config.dkdv, config.dq)))
+    nowhere = a.LaunchConfig(*(dataclasses.replace(t, tma=False) for t in (config.fwd, config.dkdv, config.dq)))
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: nowhere)
     for name, first, again in zip(("O", "dQ", "dK", "dV"), with_tma, _grads(x.q, x.k, x.v, x.do, **kw)):
         assert torch.equal(first, again), f"{name}: TMA loads differ from pointer loads"
