@@ -14,6 +14,7 @@ import json
 import math
 import operator
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -577,7 +578,23 @@ def _tma_pair(a, b, rows: int, block_d: int, tile: Tile):
     a_rows, b_rows = _tma_rows(a, rows, block_d), _tma_rows(b, rows, block_d)
     if a_rows is None or b_rows is None:
         return a, b, False
+    if a.is_cuda:
+        _context_current(a.device)
     return a_rows, b_rows, True
+
+
+_THIS_THREAD = threading.local()
+
+
+def _context_current(device: torch.device):
+    """Make `device`'s CUDA context current in this thread, once per thread. Why: Triton encodes
+    each TMA descriptor (cuTensorMapEncodeTiled) before its launcher makes a context current, and
+    a thread that has made no CUDA runtime call needing one has none, so the encode fails with
+    "invalid device context" (H200, session 17: the property suite's call-timeout threads).
+    A stream query is such a call, and does not wait."""
+    if getattr(_THIS_THREAD, "device", None) != device:
+        torch.cuda.current_stream(device).query()
+        _THIS_THREAD.device = device
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -584,6 +585,40 @@ def test_tma_only_where_the_descriptor_is_valid(device):
     }
     for why, t in refused.items():
         assert a._tma_rows(t, 32, 64) is None, why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA contexts exist on a GPU only")
+def test_runs_in_a_thread_that_made_no_cuda_call(monkeypatch, device):
+    """Called first thing in a fresh thread (the plugin's --attn-timeout runs each call in one), the
+    kernel gives the main thread's results, with every kernel loading through TMA: Triton encodes a
+    descriptor before its launcher makes a CUDA context current, which failed there with "invalid
+    device context" until attention._context_current (the H200 thorough run, session 17)."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    x = Case(seqlen_q=128, seqlen_k=96, head_dim=64, causal=True).inputs(device)
+    if not a._has_tma(x.q.device):
+        pytest.skip("this GPU has no TMA (sm_90 on)")
+    config = a.default_config(64, x.q.dtype, masked=True, device=x.q.device, seqlen=128)
+    everywhere = a.LaunchConfig(*(dataclasses.replace(t, tma=True) for t in (config.fwd, config.dkdv, config.dq)))
+    monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: everywhere)
+    here = _grads(x.q, x.k, x.v, x.do, causal=True)
+    q, k, v = (t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v))   # no CUDA call in the thread before ours
+    outcome = []
+
+    def call():
+        try:
+            o = attention(q, k, v, causal=True)
+            o.backward(x.do)
+            outcome.append((o, q.grad, k.grad, v.grad))
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    for name, first, again in zip(("O", "dQ", "dK", "dV"), here, outcome[0]):
+        assert torch.equal(first, again), f"{name} differs in a fresh thread"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams exist on a GPU only")
