@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine steps (no network there): install, then the named steps. Logs and results go
 # to $OUT (or ./out). Usage: bash benchmarks/gpu_session.sh STEP [STEP ...]
-#   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT (85 s, H200, session 12)
+#   tune     measure the kernel's tile table for this GPU (benchmarks/tune.py), copy it to $OUT (85 s, H200, session 12;
+#            102 s in session 17, before the interleaved timings were added)
 #   profile  host vs GPU time of single calls, ours, cuDNN, FlexAttention (benchmarks/profile_call.py;
 #            three shapes took over 200 s on an H200, FlexAttention at 16K unfinished)
 #   host-cost  host time of one call, piece by piece: checks, launches, streams (benchmarks/host_cost.py, ~20 s)
@@ -34,7 +35,7 @@ for step in "$@"; do
   start=$SECONDS
   case $step in
     tune)
-      timeout 200 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
+      timeout 300 python3 benchmarks/tune.py 2>&1 | tee "$OUT/tune.log" | tail -14
       for f in kernels/tiles/*.json; do cp "$f" "$OUT/tiles-$(basename "$f")"; done ;;
     host-cost)
       timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host-cost.log" ;;

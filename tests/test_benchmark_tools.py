@@ -66,7 +66,7 @@ def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
 
 
 def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(monkeypatch):
-    """tune._faster_loads runs the kernel once with each load path, the tile otherwise unchanged
+    """tune._faster_loads runs the kernel with each load path, the tile otherwise unchanged
     (here on the interpreter, with a stand-in for do_bench that reports which path the dK/dV
     kernel's tile took: TMA "faster" when it was TMA)."""
     import importlib
@@ -89,6 +89,133 @@ def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(mo
     got = tune._faster_loads((q, k, v, do, (o, stats)), False, "dkdv", config, [16, 16, 4, 2], do_bench)
     assert got == {"tma": 1.0, "pointers": 2.0}
 
+
+def test_paired_timings_alternate_their_order_and_take_each_configs_median(monkeypatch):
+    runs = []
+    monkeypatch.setattr(tune, "_run", lambda q, k, v, do, causal, kernel, config, fwd_out: runs.append(config))
+    times = {"A": iter([1.0, 9.0, 1.2, 1.1, 1.3]), "B": iter([2.0, 2.2, 0.1, 2.1, 2.3])}
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        return next(times[runs[-1]])
+
+    got = tune._paired((None,) * 5, False, "fwd", {"a": "A", "b": "B"}, do_bench)
+    assert runs == ["A", "B", "B", "A"] * (tune.ROUNDS // 2) + ["A", "B"] * (tune.ROUNDS % 2)
+    assert got == {"a": 1.2, "b": 2.1}   # the medians: one outlier each left out
+
+
+def test_a_new_tile_takes_the_faster_loads_and_a_committed_tile_keeps_its_own_within_noise():
+    within = {"tma": 1.0, "pointers": 1.0 + tune.NOISE / 2}
+    beyond = {"tma": 1.0, "pointers": 1.0 + 2 * tune.NOISE}
+    assert tune.takes_tma(within) and not tune.takes_tma({"tma": within["pointers"], "pointers": 1.0})
+    assert not tune.takes_tma(within, held=False)     # the committed pointers stay
+    assert tune.takes_tma(beyond, held=False)         # unless TMA is more than NOISE faster
+    assert tune.takes_tma({"tma": within["pointers"], "pointers": 1.0}, held=True)
+    assert not tune.takes_tma({"tma": beyond["pointers"], "pointers": 1.0}, held=True)
+
+
+
+class _InProcessPool:
+    """multiprocessing's spawn context, in this process (tune.main's compile step)."""
+    def Pool(self, n):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    imap_unordered = staticmethod(map)
+
+
+def _tune(monkeypatch, tmp_path, committed, clock, argv=()):
+    """The table tune.main writes for head dim 32 at N = 32 and 64, two tiles per kernel, with a
+    stand-in clock: clock(kernel, tile, n, reading) gives the ms of the reading-th timing (from 0)
+    of that tile. The kernel under test is left out (tune._run returns its inputs); the forward
+    whose output the backward's timings read runs, on the interpreter."""
+    import importlib
+    import torch
+    import triton.testing
+    a = importlib.import_module("flashverify.kernels.attention")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Test GPU")
+    monkeypatch.setattr(a, "device_slug", lambda device: "test-gpu")
+    monkeypatch.setattr(a, "tuned_tiles", lambda slug: committed)
+    monkeypatch.setattr(tune, "mp", type("mp", (), {"get_context": staticmethod(lambda how: _InProcessPool())}))
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(tune, "_inputs", lambda b, n, d, seed=0: [   # the compile step's N=256 too
+        torch.randn(b, 2, min(n, 64), d, generator=g).half() for _ in range(4)])
+    ran, readings = [], {}
+
+    def run(q, k, v, do, causal, kernel, config, fwd_out=None):
+        ran.append((kernel, getattr(config, kernel), q.shape[2]))
+        return (q,) if kernel == "fwd" else (q, k, v)
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        reading = readings[ran[-1]] = readings.get(ran[-1], -1) + 1
+        return clock(*ran[-1], reading)
+
+    monkeypatch.setattr(tune, "_run", run)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(tune, "TOKENS", 64)
+    monkeypatch.setattr(tune, "NS", (32, 64))
+    monkeypatch.setattr(tune, "HEAD_DIMS", (32,))
+    monkeypatch.setattr(tune, "CANDIDATES", {"fwd": [(16, 16, 4, 2), (32, 16, 4, 2)],
+                                             "dkdv": [(16, 16, 4, 2), (16, 32, 4, 2)],
+                                             "dq": [(16, 16, 4, 2), (32, 16, 4, 2)]})
+    out = tmp_path / "table.json"
+    tune.main(["--out", str(out), *argv])
+    return json.loads(out.read_text())
+
+
+def _committed():
+    """A committed table for _tune: the second candidate of each kernel, fwd and dq on pointers."""
+    import importlib
+    a = importlib.import_module("flashverify.kernels.attention")
+    config = a.LaunchConfig(a.Tile(32, 16, 4, 2, tma=False), a.Tile(16, 32, 4, 2, tma=True), a.Tile(32, 16, 4, 2, tma=False))
+    return {key: {n: config for n in (32, 64)} for key in ("D32-dense", "D32-masked")}
+
+
+COMMITTED = {"fwd": [32, 16, 4, 2, False], "dkdv": [16, 32, 4, 2, True], "dq": [32, 16, 4, 2, False]}
+
+
+def _everywhere(entry):
+    return {key: {f"N{n}": entry for n in (32, 64)} for key in ("D32-dense", "D32-masked")}
+
+
+def test_a_retune_that_measures_no_difference_changes_no_tile_and_no_load_path(monkeypatch, tmp_path):
+    """Every timing equal: each committed tile and its loads stay (the holds of choose and of
+    takes_tma). Fresh, each entry is the first candidate, on TMA."""
+    table = _tune(monkeypatch, tmp_path, _committed(), lambda kernel, tile, n, reading: 1.0)
+    assert table["tiles"] == _everywhere(COMMITTED)
+    fresh = _tune(monkeypatch, tmp_path, _committed(), lambda kernel, tile, n, reading: 1.0, ["--fresh"])
+    assert fresh["tiles"] == _everywhere({kernel: [16, 16, 4, 2, True] for kernel in COMMITTED})
+
+
+def test_a_committed_tile_slow_in_one_timing_only_stays_through_the_interleaved_timings(monkeypatch, tmp_path):
+    """The committed tile's first timing reads 20 % slow, so choose picks the other; the
+    interleaved timings of the two read them equal, and the committed tile stays."""
+    def clock(kernel, tile, n, reading):
+        return 1.2 if tile.block_m * tile.block_n == 512 and reading == 0 else 1.0
+    table = _tune(monkeypatch, tmp_path, _committed(), clock)
+    assert table["tiles"] == _everywhere(COMMITTED)
+    confirmations = table["timings_ms"]["D32-dense"]["dkdv"]["16x16w4s2"]["against_committed_ms"]
+    assert confirmations == {"N32": {"new": 1.0, "committed": 1.0}, "N64": {"new": 1.0, "committed": 1.0}}
+
+
+def test_a_tile_faster_beyond_noise_replaces_the_committed_one_and_takes_its_faster_loads(monkeypatch, tmp_path):
+    """dK/dV's first candidate is 10 % faster in every timing: it replaces the committed tile, on
+    TMA where the two ways tie. The committed forward tile stays, but TMA loads read 10 % faster
+    for it: beyond NOISE, so it leaves its committed pointer loads."""
+    def clock(kernel, tile, n, reading):
+        if kernel == "dkdv" and tile.block_n == 16:
+            return 0.9
+        return 0.9 if kernel == "fwd" and tile.block_m == 32 and tile.tma else 1.0
+    table = _tune(monkeypatch, tmp_path, _committed(), clock)
+    assert table["tiles"] == _everywhere(dict(COMMITTED, fwd=[32, 16, 4, 2, True], dkdv=[16, 16, 4, 2, True]))
 
 # --- summarize ------------------------------------------------------------------------------------
 
