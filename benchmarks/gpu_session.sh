@@ -14,6 +14,8 @@
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13)
+#   props     the property suite as the README's test command runs it (its default profile, through the
+#            plugin's call-timeout threads, which tests-kernel does not use): after any kernel change
 #   props-thorough-1, props-thorough-2  the thorough profile on the bundled kernel in halves: 16 shards,
 #            8 per call, 128 tests on 16 workers each (whole, it was cut at 455 s: 116-121 of 8 shards' 128
 #            tests finished on an H200, sessions 10-12 and 15); join the two reports with flashverify merge-properties
@@ -85,6 +87,10 @@ for step in "$@"; do
         --attn-profile release --attn-shards 12 -k "$k" --attn-report "$OUT/props-release-$q.json" \
         --durations=20 2>&1 \
         | tee "$OUT/props-release-$q.log" | grep -v PytestBenchmarkWarning | sed -n '/properties per implementation/,$p' ;;
+    props)
+      timeout -s INT 400 python3 -m pytest -q -p no:cacheprovider -n 16 --pyargs flashverify.properties \
+        --attn-report "$OUT/props.json" 2>&1 | tee "$OUT/props.log" | grep -v PytestBenchmarkWarning \
+        | sed -n '/properties per implementation/,$p' ;;
     props-thorough-[12])
       h=${step#props-thorough-}
       k=$(seq -f "shard%gof16" $((8 * h - 7)) $((8 * h)) | paste -sd' ' | sed 's/ / or /g')
@@ -108,7 +114,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
     *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context ab ab-call-sync tests tests-kernel golden gate report" \
-         "props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
+         "props props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
 done
