@@ -17,6 +17,8 @@ for this GPU). Prints new/base time per config and the largest normwise differen
 dK, dV (0 when the change must leave results bitwise unchanged). Each version is timed ROUNDS
 times per config, the two taking turns at going first: timed once each, base then new, identical
 forwards came out 0.995-1.14 of each other, new the slower in 11 of 12 configs (H200, session 10).
+Each ratio comes with the range of its rounds' ratios (new over base, round by round): a change
+smaller than that range is not told from noise.
 """
 
 import argparse
@@ -35,7 +37,9 @@ from timing import call_sync_ms
 
 H = 16
 DS, CAUSAL, NS, TOKENS = (64, 128), (False, True), (1024, 4096, 16384), 32768
-ROUNDS = 4   # per version and config, in alternating order; the median is reported
+ROUNDS = 6   # per version and config, in alternating order; the median is reported, and the range of
+#              the rounds' ratios (H200, session 17: a config whose backward ran the same tiles in both
+#              versions read 0.948 from 4 rounds, so one A/B's ratio carries a few % of noise)
 
 
 def _load(base_dir):
@@ -227,8 +231,10 @@ def main(argv=None):
                                 times.setdefault((name, s), []).append(
                                     call_sync_ms(call) if args.call_sync else do_bench(call, warmup=5, rep=20))
                     ms = {key: statistics.median(ts) for key, ts in times.items()}
-                    line += "".join(f"; {s} base {ms['base', s]:.3f} new {ms['new', s]:.3f} ms "
-                                    f"({ms['new', s] / ms['base', s]:.3f})" for s in ("fwd", "bwd"))
+                    for s in ("fwd", "bwd"):
+                        ratios = [x / y for x, y in zip(times["new", s], times["base", s])]   # round by round
+                        line += (f"; {s} base {ms['base', s]:.3f} new {ms['new', s]:.3f} ms "
+                                 f"({ms['new', s] / ms['base', s]:.3f}, rounds {min(ratios):.3f}-{max(ratios):.3f})")
                 print(line, flush=True)
     print(f"largest difference {worst:.1e}")
 
