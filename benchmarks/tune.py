@@ -136,19 +136,20 @@ def choose(timings, ns, held=None):
     return chosen
 
 
-def _paired(problem, causal, kernel, configs, do_bench):
-    """{label: median ms} of each config of {label: LaunchConfig}, timed in turn ROUNDS times, the
-    order reversed every round. Why: the tuner decides on differences of a few %, and one
+def _paired(problem, causal, kernel, config, tiles, do_bench):
+    """{label: median ms} of `config` with each of {label: Tile} as `kernel`'s tile, timed in turn
+    ROUNDS times, the order reversed every round. Why: the tuner decides on differences of a few %, and one
     do_bench timing moves more than that. Two timings of the same tile in one H200 tune run
     (session 17, tune.log: each chosen tile in the candidates' pass, then in the load pass) were
     2.6 % apart at the median, 5.2 % at N=1K and 9.6 % at most, the second mostly the slower.
     Alternating cancels drift between the two, and the median drops outliers."""
     q, k, v, do, fwd_out = problem
+    configs = {label: dataclasses.replace(config, **{kernel: tile}) for label, tile in tiles.items()}
     times, order = {label: [] for label in configs}, list(configs)
     for r in range(ROUNDS):
         for label in order if r % 2 == 0 else order[::-1]:
-            config = configs[label]
-            times[label].append(do_bench(lambda: _run(q, k, v, do, causal, kernel, config, fwd_out), warmup=10, rep=40))
+            timed = configs[label]
+            times[label].append(do_bench(lambda: _run(q, k, v, do, causal, kernel, timed, fwd_out), warmup=10, rep=40))
     return {label: statistics.median(ts) for label, ts in times.items()}
 
 
@@ -158,8 +159,8 @@ def _faster_loads(problem, causal, kernel, config, tile, do_bench):
     everywhere (H200: the D=64 dense forward 2-6 % slower, the D=128 forward 2-13 % faster,
     docs/performance.md session 16)."""
     a = _attn()
-    return _paired(problem, causal, kernel, {label: dataclasses.replace(config, **{kernel: a.Tile(*tile, tma=tma)})
-                                             for label, tma in (("tma", True), ("pointers", False))}, do_bench)
+    return _paired(problem, causal, kernel, config, {"tma": a.Tile(*tile, tma=True), "pointers": a.Tile(*tile, tma=False)},
+                   do_bench)
 
 
 def takes_tma(loads_ms, held=None):
@@ -243,9 +244,8 @@ def main(argv=None):
                     keep = held_names.get(n)
                     note = " (the committed tile, within NOISE of the fastest)" if name == keep else ""
                     if keep in per_n and name != keep:   # a change: confirmed in interleaved timings
-                        pair = {"new": a.Tile(*per_n[name]["tile"]), "committed": held[n]}
-                        ms = _paired(problems[n], causal, kernel, {label: dataclasses.replace(current[n], **{kernel: t})
-                                                                   for label, t in pair.items()}, do_bench)
+                        ms = _paired(problems[n], causal, kernel, current[n],
+                                     {"new": a.Tile(*per_n[name]["tile"]), "committed": held[n]}, do_bench)
                         per_n[name].setdefault("against_committed_ms", {})[f"N{n}"] = ms
                         if not ms["new"] * (1 + NOISE) < ms["committed"]:
                             name, note = keep, f" (the committed tile: {per_n[name]['tile']} was within NOISE of it, interleaved)"

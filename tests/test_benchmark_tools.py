@@ -91,16 +91,19 @@ def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(mo
 
 
 def test_paired_timings_alternate_their_order_and_take_each_configs_median(monkeypatch):
+    import importlib
+    a = importlib.import_module("flashverify.kernels.attention")
+    A, B, other = a.Tile(16, 16), a.Tile(32, 16), a.Tile(64, 64)
     runs = []
-    monkeypatch.setattr(tune, "_run", lambda q, k, v, do, causal, kernel, config, fwd_out: runs.append(config))
-    times = {"A": iter([1.0, 9.0, 1.2, 1.1, 1.3]), "B": iter([2.0, 2.2, 0.1, 2.1, 2.3])}
+    monkeypatch.setattr(tune, "_run", lambda q, k, v, do, causal, kernel, config, fwd_out: runs.append(config.fwd))
+    times = {A: iter([1.0, 9.0, 1.2, 1.1, 1.3]), B: iter([2.0, 2.2, 0.1, 2.1, 2.3])}
 
     def do_bench(fn, warmup, rep):
         fn()
         return next(times[runs[-1]])
 
-    got = tune._paired((None,) * 5, False, "fwd", {"a": "A", "b": "B"}, do_bench)
-    assert runs == ["A", "B", "B", "A"] * (tune.ROUNDS // 2) + ["A", "B"] * (tune.ROUNDS % 2)
+    got = tune._paired((None,) * 5, False, "fwd", a.LaunchConfig(other, other, other), {"a": A, "b": B}, do_bench)
+    assert runs == [A, B, B, A] * (tune.ROUNDS // 2) + [A, B] * (tune.ROUNDS % 2)
     assert got == {"a": 1.2, "b": 2.1}   # the medians: one outlier each left out
 
 

@@ -528,6 +528,12 @@ def test_stages_do_not_change_results(monkeypatch, device):
         assert torch.equal(first, again)
 
 
+def _with_loads(config, tma: bool):
+    """`config` with every kernel's loop loading through TMA descriptors (tma) or pointers."""
+    a = importlib.import_module("flashverify.kernels.attention")
+    return a.LaunchConfig(*(dataclasses.replace(t, tma=tma) for t in (config.fwd, config.dkdv, config.dq)))
+
+
 @pytest.mark.parametrize("case", [
     Case(heads_q=4, heads_kv=2, seqlen_q=100, seqlen_k=77, head_dim=72, causal=True, mask="bool",
          dropout_p=0.2, seed=5),
@@ -548,11 +554,11 @@ def test_tma_loads_give_the_pointer_loads_results(monkeypatch, device, case):
     taken = []
     tma_rows = a._tma_rows
     monkeypatch.setattr(a, "_tma_rows", lambda *args: taken.append(tma_rows(*args)) or taken[-1])
-    everywhere = a.LaunchConfig(*(dataclasses.replace(t, tma=True) for t in (config.fwd, config.dkdv, config.dq)))
+    everywhere = _with_loads(config, tma=True)
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: everywhere)
     with_tma = _grads(x.q, x.k, x.v, x.do, **kw)
     assert len(taken) == 6 and all(d is not None for d in taken), "every kernel should have loaded through TMA"
-    nowhere = a.LaunchConfig(*(dataclasses.replace(t, tma=False) for t in (config.fwd, config.dkdv, config.dq)))
+    nowhere = _with_loads(config, tma=False)
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: nowhere)
     for name, first, again in zip(("O", "dQ", "dK", "dV"), with_tma, _grads(x.q, x.k, x.v, x.do, **kw)):
         assert torch.equal(first, again), f"{name}: TMA loads differ from pointer loads"
@@ -598,7 +604,7 @@ def test_runs_in_a_thread_that_made_no_cuda_call(monkeypatch, device):
     if not a._has_tma(x.q.device):
         pytest.skip("this GPU has no TMA (sm_90 on)")
     config = a.default_config(64, x.q.dtype, masked=True, device=x.q.device, seqlen=128)
-    everywhere = a.LaunchConfig(*(dataclasses.replace(t, tma=True) for t in (config.fwd, config.dkdv, config.dq)))
+    everywhere = _with_loads(config, tma=True)
     monkeypatch.setattr(a, "default_config", lambda *args, **kwargs: everywhere)
     here = _grads(x.q, x.k, x.v, x.do, causal=True)
     q, k, v = (t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v))   # no CUDA call in the thread before ours
