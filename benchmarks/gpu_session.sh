@@ -13,12 +13,14 @@
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
-#   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13)
+#   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13;
+#            131 in 287 s, session 18)
 #   props     the property suite as the README's test command runs it (its default profile, through the
-#            plugin's call-timeout threads, which tests-kernel does not use): after any kernel change
+#            plugin's call-timeout threads, which tests-kernel does not use): after any kernel change (H200: 90 s, session 18)
 #   props-thorough-1, props-thorough-2  the thorough profile on the bundled kernel in halves: 16 shards,
 #            8 per call, 128 tests on 16 workers each (whole, it was cut at 455 s: 116-121 of 8 shards' 128
-#            tests finished on an H200, sessions 10-12 and 15); join the two reports with flashverify merge-properties
+#            tests finished on an H200, sessions 10-12 and 15; the halves took 315 s and 205 s, session 18); join the two
+#            reports with flashverify merge-properties
 #   golden   write this GPU's golden file (flashverify, naive) and copy it to $OUT
 #   gate     flashverify golden check against the committed golden file of this GPU
 #   report   the H100 report: flashverify, SDPA flash/efficient, naive (+ FlexAttention as a second

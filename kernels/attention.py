@@ -171,21 +171,26 @@ def _check_device(q):
                          "(on a machine without a GPU, set TRITON_INTERPRET=1 before importing flashverify.kernels)")
 
 
+def _check_window(causal, window):
+    if window is None:
+        return
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise ValueError(f"window must be a pair (left, right) of ints >= 0 or None, got {window!r}")
+    for side, val in zip(("left", "right"), window):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {val!r}")
+    if causal and window[1] not in (None, 0):
+        raise ValueError(f"window=(left, right) with causal=True needs right 0 or None, got right={window[1]}; "
+                         "causal already forbids keys after the diagonal")
+
+
 def _window_bounds(causal, window, nq, nk):
-    """(enabled, left, right) with 'unbounded' encoded as a distance no query can reach."""
+    """(enabled, left, right) of a checked window, 'unbounded' encoded as a distance no query can reach."""
     unbounded = nq + nk + 1
     if window is None:
         return (True, unbounded, 0) if causal else (False, unbounded, unbounded)
-    if not (isinstance(window, (tuple, list)) and len(window) == 2):
-        raise ValueError(f"window must be a pair (left, right) of ints >= 0 or None, got {window!r}")
     left, right = window
-    for side, val in (("left", left), ("right", right)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
-            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {val!r}")
     if causal:
-        if right not in (None, 0):
-            raise ValueError(f"window=(left, right) with causal=True needs right 0 or None, got right={right}; "
-                             "causal already forbids keys after the diagonal")
         right = 0
     left = unbounded if left is None else min(left, unbounded)
     right = unbounded if right is None else min(right, unbounded)
@@ -235,8 +240,9 @@ def _check_key_lengths(key_lengths, B, nk, device):
     return key_lengths.to(torch.int32).contiguous()
 
 
-def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
-           dropout_p, seed, allow_tf32, blocks) -> _Problem:
+def _check_tensors(q, k, v):
+    """The checks of q, k, v, which read their metadata only (so they also run on the fake
+    tensors of a torch.compile trace)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     _check_device(q)
@@ -259,29 +265,45 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
         raise ValueError(f"query heads Hq={H} must be a positive multiple of key/value heads Hkv={Hkv} (GQA/MQA)")
     if nq < 1 or nk < 1:
         raise ValueError(f"sequence lengths must be >= 1, got Nq={nq}, Nk={nk}")
+
+
+def _check_options(causal, causal_alignment, window, scale, dropout_p, seed, blocks):
+    """The checks of the arguments that are not tensors, which need no shapes (so they also run
+    before torch.compile's custom op, whose schema would otherwise reject them first)."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if causal_alignment not in ALIGNMENTS:
         raise ValueError(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
-    enabled, left, right = _window_bounds(causal, window, nq, nk)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    _check_window(causal, window)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0 and seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                                 or not 0 <= seed < 2**31):
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    if blocks is not None and not (isinstance(blocks, (tuple, list)) and len(blocks) == 2
+                                   and all(isinstance(x, int) and x >= 16 and x & (x - 1) == 0 for x in blocks)):
+        raise ValueError(f"blocks must be (block_m, block_n), powers of two >= 16, got {blocks!r}")
+
+
+def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+           dropout_p, seed, allow_tf32, blocks) -> _Problem:
+    _check_tensors(q, k, v)
+    _check_options(causal, causal_alignment, window, scale, dropout_p, seed, blocks)
+    B, H, nq, D = q.shape
+    nk = k.shape[2]
+    enabled, left, right = _window_bounds(causal, window, nq, nk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
     if dropout_p > 0.0:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     else:
         seed = 0
     config = default_config(D, q.dtype, masked=enabled, device=q.device, seqlen=max(nq, nk))
     if blocks is not None:
-        if not (isinstance(blocks, (tuple, list)) and len(blocks) == 2
-                and all(isinstance(x, int) and x >= 16 and x & (x - 1) == 0 for x in blocks)):
-            raise ValueError(f"blocks must be (block_m, block_n), powers of two >= 16, got {blocks!r}")
         config = LaunchConfig(*(Tile(blocks[0], blocks[1], t.num_warps, t.num_stages)
                                 for t in (config.fwd, config.dkdv, config.dq)))
     mask, mask_kind = _check_mask(attn_mask, B, H, nq, nk, q.device)
@@ -357,6 +379,12 @@ def _logl_offset(rows: int) -> int:
     return _cdiv(rows, 16) * 16
 
 
+def _stats_numel(rows: int, precise_exp: bool) -> int:
+    """Size of the forward's row statistics for the backward: row max and log l (float32 inputs,
+    log l from _logl_offset on), else max + log l in one float (triton_kernels._row_stats)."""
+    return (_logl_offset(rows) if precise_exp else 0) + rows
+
+
 def _cdiv(a: int, b: int) -> int:
     """Ceiling division, for grids. triton.cdiv is a constexpr_function: 2.6-4 us a call from the
     host, where this is under 0.1 (the backward's host time counts at small N)."""
@@ -404,7 +432,7 @@ def _run(kernel, grid, args, constexprs, stream=None, **options):
     kernel's launcher alone (benchmarks/host_cost.py), and a call + synchronize at N=1K waits for
     it. The first launch of a key goes through JITFunction.run, which compiles (or finds) the
     kernel and returns it; later launches call it as JITFunction.run would. Triton's own path is
-    taken for anything else: the interpreter, torch.compile's tracing, a launch hook (profilers),
+    taken for anything else: the interpreter, a launch hook (profilers),
     debug or instrumentation mode, a stand-in kernel, an argument type the key does not know."""
     stream_of, key = _direct_launch_possible(kernel), None
     if stream_of is not None:
@@ -420,8 +448,6 @@ def _run(kernel, grid, args, constexprs, stream=None, **options):
                      stream_of(device) if stream is None else stream.cuda_stream,
                      compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
-    if interpreting():
-        return _interpreted(kernel, grid, args, constexprs, options)
     with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
         compiled = kernel[grid](*args, **constexprs, **options)
     tail = _constexpr_tail(kernel, len(args), constexprs) if key is not None else None
@@ -432,21 +458,10 @@ def _run(kernel, grid, args, constexprs, stream=None, **options):
     return compiled
 
 
-@torch.compiler.disable
-def _interpreted(kernel, grid, args, constexprs, options):
-    """kernel[grid](...) run by Triton's interpreter, outside torch.compile's tracing. Why: traced,
-    the interpreter's numpy code failed inside dynamo (a uint64 pointer offset it could not fake),
-    so torch.compile of a function calling attention() failed on the CPU; this way dynamo breaks
-    the graph at the launch and the interpreter runs as it does eagerly."""
-    return kernel[grid](*args, **constexprs, **options)
-
-
 def _direct_launch_possible(kernel):
-    """The active driver's stream getter where _run may launch `kernel` directly, else None
-    (also while torch.compile traces: it captures kernel[grid](...) as a user-defined Triton
-    kernel, not a call of a compiled kernel's launcher)."""
-    if (interpreting() or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks
-            or torch.compiler.is_compiling()):
+    """The active driver's stream getter where _run may launch `kernel` directly, else None.
+    (torch.compile never traces here: under it, attention() is two opaque custom ops.)"""
+    if interpreting() or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks:
         return None
     runtime = knobs.runtime
     if (runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or runtime.debug
@@ -524,8 +539,7 @@ def _forward(q, k, v, pb: _Problem):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, nq), device=q.device, dtype=torch.float32)
     logl_at = _logl_offset(B * H * nq)
-    # row max and log l (float32), max + log l (16-bit): triton_kernels._row_stats
-    stats = torch.empty((logl_at if pb.precise_exp else 0) + B * H * nq, device=q.device, dtype=torch.float32)
+    stats = torch.empty(_stats_numel(B * H * nq, pb.precise_exp), device=q.device, dtype=torch.float32)
     mask, keylen, ms = _mask_args(pb, q)
     t = pb.config.fwd
     grid = (_cdiv(nq, t.block_m), B * H)
@@ -713,7 +727,13 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None
 
     Rows with no allowed key return O = 0, LSE = -inf, and zero gradients.
     The backward uses no atomics: gradients are bitwise deterministic.
+    Under torch.compile the call is two custom ops (flashverify::attention_forward and
+    attention_backward): one graph, no break, eager's bits.
     """
+    if torch.compiler.is_compiling():
+        o, lse = _compiled_attention(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                                     dropout_p, seed, allow_tf32, blocks)
+        return (o, lse) if return_lse else o
     pb = _checked(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
                   dropout_p, seed, allow_tf32, blocks)
     q, k, v = _with_unit_last_stride(q), _with_unit_last_stride(k), _with_unit_last_stride(v)
@@ -723,6 +743,106 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", window=None
         else:   # no graph to record: skip autograd's bookkeeping (host time counts at small N)
             o, lse, _ = _forward(q, k, v, pb)
     return (o, lse) if return_lse else o
+
+
+# torch.compile: attention() as two custom ops, forward and backward, which dynamo records as
+# opaque calls. Why: traced, the host code (the tile table's lru_caches and file stat, Triton's
+# launcher) broke the graph at every launch and warned (H200, session 18: six warnings in one
+# test), and fullgraph=True failed. The ops run the eager functions above, so compiled calls
+# give eager's bits. Their schemas take attention()'s arguments, checked first by
+# _check_options; a window side or seed of None travels as -1, which no checked value is.
+_OPTIONS_SCHEMA = ("bool causal, str causal_alignment, int[]? window, float? scale, float dropout_p, int seed, "
+                   "bool allow_tf32, int[]? blocks")
+
+
+def _compiled_attention(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale,
+                        dropout_p, seed, allow_tf32, blocks):
+    _check_tensors(q, k, v)
+    _check_options(causal, causal_alignment, window, scale, dropout_p, seed, blocks)
+    options = (causal, causal_alignment, None if window is None else [-1 if w is None else w for w in window],
+               None if scale is None else float(scale), float(dropout_p),
+               -1 if seed is None or dropout_p == 0 else seed,   # eager ignores the seed without dropout
+               bool(allow_tf32), None if blocks is None else list(blocks))
+    o, lse, _, _ = torch.ops.flashverify.attention_forward(q, k, v, key_lengths, attn_mask, *options)
+    return o, lse
+
+
+def _problem_of(q, k, v, key_lengths, attn_mask, causal, causal_alignment, window, scale, dropout_p, seed,
+                allow_tf32, blocks):
+    """_checked's problem from a custom op's arguments (their -1s back to None)."""
+    window = None if window is None else tuple(None if w == -1 else w for w in window)
+    return _checked(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, scale, dropout_p,
+                    None if seed == -1 else seed, allow_tf32, None if blocks is None else tuple(blocks))
+
+
+def _forward_op(q, k, v, key_lengths, attn_mask, *options):
+    """(O, LSE, row statistics, the seed used: a CPU int64 scalar, for the backward to regenerate
+    the dropout mask of a seed drawn here)."""
+    pb = _problem_of(q, k, v, key_lengths, attn_mask, *options)
+    q, k, v = _with_unit_last_stride(q), _with_unit_last_stride(k), _with_unit_last_stride(v)
+    with _on_device_of(q):
+        o, lse, stats = _forward(q, k, v, pb)
+    return o, lse, stats, torch.tensor(pb.seed, dtype=torch.int64)
+
+
+def _forward_fake(q, k, v, key_lengths, attn_mask, causal, causal_alignment, window, scale, dropout_p, seed,
+                  allow_tf32, blocks):
+    _check_tensors(q, k, v)
+    B, H, nq, _ = q.shape
+    precise_exp = q.dtype == torch.float32 and not allow_tf32
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, nq), dtype=torch.float32),
+            q.new_empty(_stats_numel(B * H * nq, precise_exp), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"))
+
+
+def _backward_op(q, k, v, o, stats, do, seed_used, key_lengths, attn_mask, causal, causal_alignment, window,
+                 scale, dropout_p, seed, allow_tf32, blocks):
+    pb = _problem_of(q, k, v, key_lengths, attn_mask, causal, causal_alignment, window, scale, dropout_p,
+                     int(seed_used), allow_tf32, blocks)
+    q, k, v = _with_unit_last_stride(q), _with_unit_last_stride(k), _with_unit_last_stride(v)
+    with _on_device_of(q):
+        return _backward(q, k, v, o, stats, do, pb)
+
+
+def _backward_fake(q, k, v, o, stats, do, seed_used, key_lengths, attn_mask, *options):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, key_lengths, attn_mask, *options = inputs
+    o, lse, stats, seed_used = output
+    ctx.save_for_backward(q, k, v, o, stats, seed_used, key_lengths, attn_mask)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse, stats, seed_used)   # as in eager: no gradient flows from LSE
+
+
+def _op_backward(ctx, do, *_):
+    q, k, v, o, stats, seed_used, key_lengths, attn_mask = ctx.saved_tensors
+    if do is None:   # only LSE was used
+        do = torch.zeros_like(o)
+    grads = torch.ops.flashverify.attention_backward(q, k, v, o, stats, do, seed_used, key_lengths, attn_mask,
+                                                     *ctx.options)
+    return (*grads, None, None, *(None for _ in ctx.options))
+
+
+def _register_ops():
+    """Once per process: a second copy of this module (ab_kernel.py's baseline) leaves the first's."""
+    if hasattr(torch.ops.flashverify, "attention_forward"):
+        return
+    forward = torch.library.custom_op(
+        "flashverify::attention_forward", _forward_op, mutates_args=(),
+        schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, Tensor? attn_mask, {_OPTIONS_SCHEMA})"
+               " -> (Tensor, Tensor, Tensor, Tensor)")
+    forward.register_fake(_forward_fake)
+    backward = torch.library.custom_op(
+        "flashverify::attention_backward", _backward_op, mutates_args=(),
+        schema=f"(Tensor q, Tensor k, Tensor v, Tensor o, Tensor stats, Tensor do, Tensor seed_used, "
+               f"Tensor? key_lengths, Tensor? attn_mask, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+    backward.register_fake(_backward_fake)
+    forward.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+_register_ops()
 
 
 def dropout_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
