@@ -313,8 +313,13 @@ def _check(q, k, v, causal, causal_alignment, window, key_lengths, attn_mask, sc
         key_lengths=_check_key_lengths(key_lengths, B, nk, q.device),
         mask=mask, mask_kind=mask_kind, dropout_p=float(dropout_p), seed=seed,
         dot_precision="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
-        precise_exp=q.dtype == torch.float32 and not allow_tf32,
+        precise_exp=_precise_exp(q.dtype, allow_tf32),
         config=config)
+
+
+def _precise_exp(dtype, allow_tf32) -> bool:
+    """float32 without tf32: natural-unit scores, correctly rounded exp/log (_Problem.precise_exp)."""
+    return dtype == torch.float32 and not allow_tf32
 
 
 _PLAIN_PROBLEMS: dict = {}   # _check's results for plain calls (see _checked)
@@ -789,9 +794,8 @@ def _forward_fake(q, k, v, key_lengths, attn_mask, causal, causal_alignment, win
                   allow_tf32, blocks):
     _check_tensors(q, k, v)
     B, H, nq, _ = q.shape
-    precise_exp = q.dtype == torch.float32 and not allow_tf32
     return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, nq), dtype=torch.float32),
-            q.new_empty(_stats_numel(B * H * nq, precise_exp), dtype=torch.float32),
+            q.new_empty(_stats_numel(B * H * nq, _precise_exp(q.dtype, allow_tf32)), dtype=torch.float32),
             torch.empty((), dtype=torch.int64, device="cpu"))
 
 

@@ -117,7 +117,6 @@ def test_a_new_tile_takes_the_faster_loads_and_a_committed_tile_keeps_its_own_wi
     assert not tune.takes_tma({"tma": beyond["pointers"], "pointers": 1.0}, held=True)
 
 
-
 class _InProcessPool:
     """multiprocessing's spawn context, in this process (tune.main's compile step)."""
     def Pool(self, n):
