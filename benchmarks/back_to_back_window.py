@@ -1,0 +1,83 @@
+"""Back-to-back time over a long window, event by event (GPU only): one grid config's backward,
+for the bundled kernel, FlexAttention and SDPA's cuDNN backend, in alternating rounds.
+
+Why: in session 18's grid our D=128 dense N=1K backward took longer per call back to back
+(2.346 ms) than by call + synchronize (2.267 ms), where every other 1K backward is 3-38 % faster
+back to back and FlexAttention's was too (docs/performance.md). The grid's back-to-back time is
+the median of 3 batches of about 0.08 s (timing.back_to_back_ms). Here each round queues calls
+for WINDOW_S with a CUDA event every EVENT_CALLS calls, so the ms per call is seen along the
+window: a rise along it (clocks under sustained load) differs from a level offset (our calls).
+
+Run: python benchmarks/back_to_back_window.py [D N CAUSAL]   (default: 128 1024 0)
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's calls
+from timing import call_sync_ms
+
+COMPARED = ("flashverify", "flex", "sdpa-cudnn")
+ROUNDS, WINDOW_S, EVENT_CALLS = 6, 2.0, 25
+
+
+def window(call):
+    """ms per call between consecutive events over one WINDOW_S of calls queued back to back."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    segments = max(4, round(WINDOW_S / max(time.perf_counter() - t, 1e-9) / EVENT_CALLS))
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(segments + 1)]
+    events[0].record()
+    for e in events[1:]:
+        for _ in range(EVENT_CALLS):
+            call()
+        e.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / EVENT_CALLS for a, b in zip(events, events[1:])]
+
+
+def main(d, n, causal):
+    q, k, v = _inputs(TOKENS // n, n, d, torch.float16)
+    calls = {}
+    for name in COMPARED:
+        o = IMPLS[name](q, k, v, causal)
+        do = torch.randn_like(o)
+        calls[name] = lambda o=o, do=do: gradients(o, (q, k, v), do)
+    order = list(COMPARED)
+    series = {name: [] for name in COMPARED}
+    for r in range(ROUNDS):
+        for name in order if r % 2 == 0 else order[::-1]:
+            sync = call_sync_ms(calls[name])
+            ms = window(calls[name])
+            series[name].append(ms)
+            quarters = [statistics.median(ms[i * len(ms) // 4:(i + 1) * len(ms) // 4]) for i in range(4)]
+            print(f"round {r} {name:12s} call+sync {sync:.3f} ms; back to back {statistics.median(ms):.3f} ms"
+                  f" (median of {len(ms)} segments of {EVENT_CALLS} calls; by quarter of the window:"
+                  f" {' '.join(f'{x:.3f}' for x in quarters)})", flush=True)
+    for name in COMPARED:
+        firsts = [s[0] for s in series[name]]
+        rest = [x for s in series[name] for x in s[1:]]
+        print(f"{name:12s} back to back: first segment of each window {statistics.median(firsts):.3f} ms,"
+              f" the rest {statistics.median(rest):.3f} ms (min {min(rest):.3f}, max {max(rest):.3f})")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("back_to_back_window.py needs a CUDA device")
+    args = sys.argv[1:] or ["128", "1024", "0"]
+    if len(args) != 3 or not all(x.isdigit() for x in args):
+        sys.exit(f"arguments: D N CAUSAL, whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
+    d, n, causal = int(args[0]), int(args[1]), bool(int(args[2]))
+    import multiprocessing as mp
+    # In a worker, as the grid compiles: compiled in this process, FlexAttention's backward kept
+    # donated buffers and refused the second retain_graph=True call (session 19).
+    with mp.get_context("spawn").Pool(1) as pool:
+        problem = pool.apply(_compile_one, (("flex", torch.float16, d, causal, n),))
+    if problem:
+        print(problem)
+    main(d, n, causal)
