@@ -1,4 +1,4 @@
-"""Back-to-back time over a long window, event by event (GPU only): one grid config's backward,
+"""Back-to-back time over a long window, event by event (GPU only): grid configs' backwards,
 for the bundled kernel, FlexAttention and SDPA's cuDNN backend, in alternating rounds.
 
 Why: in session 18's grid our D=128 dense N=1K backward took longer per call back to back
@@ -8,7 +8,8 @@ the median of 3 batches of about 0.08 s (timing.back_to_back_ms). Here each roun
 for WINDOW_S with a CUDA event every EVENT_CALLS calls, so the ms per call is seen along the
 window: a rise along it (clocks under sustained load) differs from a level offset (our calls).
 
-Run: python benchmarks/back_to_back_window.py [D N CAUSAL]   (default: 128 1024 0)
+Run: python benchmarks/back_to_back_window.py [D N CAUSAL ...]   (default: 128 1024 0  128 1024 1:
+the two D=128 1K backwards at parity with FlexAttention, sessions 16-19)
 """
 
 import statistics
@@ -43,6 +44,7 @@ def window(call):
 
 def main(d, n, causal):
     q, k, v = _inputs(TOKENS // n, n, d, torch.float16)
+    config = f"D{d} N{n} {'causal' if causal else 'dense'}"
     calls = {}
     for name in COMPARED:
         o = IMPLS[name](q, k, v, causal)
@@ -56,28 +58,29 @@ def main(d, n, causal):
             ms = window(calls[name])
             series[name].append(ms)
             quarters = [statistics.median(ms[i * len(ms) // 4:(i + 1) * len(ms) // 4]) for i in range(4)]
-            print(f"round {r} {name:12s} call+sync {sync:.3f} ms; back to back {statistics.median(ms):.3f} ms"
+            print(f"{config} round {r} {name:12s} call+sync {sync:.3f} ms; back to back {statistics.median(ms):.3f} ms"
                   f" (median of {len(ms)} segments of {EVENT_CALLS} calls; by quarter of the window:"
                   f" {' '.join(f'{x:.3f}' for x in quarters)})", flush=True)
     for name in COMPARED:
         firsts = [s[0] for s in series[name]]
         rest = [x for s in series[name] for x in s[1:]]
-        print(f"{name:12s} back to back: first segment of each window {statistics.median(firsts):.3f} ms,"
+        print(f"{config} {name:12s} back to back: first segment of each window {statistics.median(firsts):.3f} ms,"
               f" the rest {statistics.median(rest):.3f} ms (min {min(rest):.3f}, max {max(rest):.3f})")
 
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("back_to_back_window.py needs a CUDA device")
-    args = sys.argv[1:] or ["128", "1024", "0"]
-    if len(args) != 3 or not all(x.isdigit() for x in args):
-        sys.exit(f"arguments: D N CAUSAL, whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
-    d, n, causal = int(args[0]), int(args[1]), bool(int(args[2]))
+    if len(sys.argv) % 3 != 1 or not all(x.isdigit() for x in sys.argv[1:]):
+        sys.exit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
+    args = [int(x) for x in sys.argv[1:]] or [128, 1024, 0, 128, 1024, 1]
+    shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
     import multiprocessing as mp
-    # In a worker, as the grid compiles: compiled in this process, FlexAttention's backward kept
+    # In workers, as the grid compiles: compiled in this process, FlexAttention's backward kept
     # donated buffers and refused the second retain_graph=True call (session 19).
-    with mp.get_context("spawn").Pool(1) as pool:
-        problem = pool.apply(_compile_one, (("flex", torch.float16, d, causal, n),))
-    if problem:
-        print(problem)
-    main(d, n, causal)
+    with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
+        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
+            if problem:
+                print(problem)
+    for shape in shapes:
+        main(*shape)

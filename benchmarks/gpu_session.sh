@@ -10,7 +10,7 @@
 #            (session 12's grid: 0.82 of FlexAttention there, profile_call 1.29; alone, session 13: 1.04 and 1.06)
 #   process-context  ours at N=1K before and after FlexAttention ran in the process (benchmarks/process_context.py),
 #            with inductor's compile-worker pool, then without it (TORCHINDUCTOR_COMPILE_THREADS=1); ~3 min
-#   b2b-window  the D=128 dense N=1K backward back to back over long windows, event by event
+#   b2b-window  the D=128 dense and causal N=1K backwards back to back over long windows, event by event
 #            (benchmarks/back_to_back_window.py): session 18's back-to-back time above call + synchronize
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
@@ -56,8 +56,8 @@ for step in "$@"; do
       timeout 200 python3 benchmarks/process_context.py 2>&1 | tee "$OUT/process-context.log"
       TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 python3 benchmarks/process_context.py 2>&1 \
         | tee "$OUT/process-context-one-compile-thread.log" ;;
-    b2b-window)   # one config's backward back to back over 2 s windows, ours/FlexAttention/cuDNN (~1.5 min)
-      timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -4 ;;
+    b2b-window)   # the D=128 1K backwards back to back over 2 s windows, ours/FlexAttention/cuDNN (~2-3 min, estimated)
+      timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -8 ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
