@@ -167,18 +167,18 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def measure(specs, device, with_errors=True, with_memory=True, jobs=1) -> dict:
-    """Fresh golden-layout results for each implementation spec, on this machine's case profile."""
+def measure(impls, device, with_errors=True, with_memory=True, jobs=1) -> dict:
+    """Fresh golden-layout results for each loaded implementation (impls.load), keyed by its
+    spec, on this machine's case profile."""
     from . import golden
-    from .impls import load
     from .profiles import profile
     from .workers import Workers
 
     cases = profile("gpu" if golden.device_kind(device) == "cuda" else "cpu") if with_errors else None
     out = {}
     with Workers(jobs, device) as workers:
-        for spec in specs:
-            impl = load(spec, device=device)
+        for impl in impls:
+            spec = impl.spec
             out[spec] = {}
             if cases:
                 out[spec]["errors"] = workers.errors(spec, impl, cases, Progress(len(cases), f"{spec} errors"))
@@ -191,10 +191,12 @@ def measure(specs, device, with_errors=True, with_memory=True, jobs=1) -> dict:
 
 def cmd_golden(args) -> int:
     from . import golden
+    from .impls import load
 
     device = _device(args.device)
     platform = golden.platform_name(device)
     path = golden.path_for(platform, args.golden_dir)
+    named = [load(spec, device=device) for spec in args.impl or []]   # a bad --impl is named before any file
     if args.action == "check":
         try:
             ref = golden.read(path)
@@ -206,7 +208,8 @@ def cmd_golden(args) -> int:
             print("error: --as needs exactly one --impl", file=sys.stderr)
             return 2
         measured = {name for name in ("errors", "memory") if any(name in e for e in ref["implementations"].values())}
-        fresh = measure(specs, device, "errors" in measured, "memory" in measured, args.jobs)
+        impls = named or [load(spec, device=device) for spec in specs]
+        fresh = measure(impls, device, "errors" in measured, "memory" in measured, args.jobs)
         try:
             changes = golden.compare(ref, fresh, {specs[0]: args.as_name} if args.as_name else None)
         except golden.GoldenError as e:
@@ -232,8 +235,7 @@ def cmd_golden(args) -> int:
             print(f"error: {e}\n(pass --force to overwrite it)", file=sys.stderr)
             return 2
         old = None
-    specs = args.impl or ["flashverify", "naive"]
-    fresh = measure(specs, device, jobs=args.jobs)
+    fresh = measure(named or [load(spec, device=device) for spec in ("flashverify", "naive")], device, jobs=args.jobs)
     new = {"schema": golden.SCHEMA, "platform": platform, "environment": golden.environment(device),
            "implementations": {**(old["implementations"] if old else {}), **fresh}}
     lines = golden.diff(old, new)
