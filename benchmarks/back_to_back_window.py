@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _compile_one, _inputs, gradients   # the speed grid's calls
+from test_speed import IMPLS, TOKENS, _inputs, compiled_shapes, gradients   # the speed grid's calls
 from timing import call_sync_ms
 
 COMPARED = ("flashverify", "flex", "sdpa-cudnn")
@@ -71,16 +71,6 @@ def main(d, n, causal):
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("back_to_back_window.py needs a CUDA device")
-    if len(sys.argv) % 3 != 1 or not all(x.isdigit() for x in sys.argv[1:]):
-        sys.exit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
-    args = [int(x) for x in sys.argv[1:]] or [128, 1024, 0, 128, 1024, 1]
-    shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
-    import multiprocessing as mp
-    # In workers, as the grid compiles: compiled in this process, FlexAttention's backward kept
-    # donated buffers and refused the second retain_graph=True call (session 19).
-    with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
-        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
-            if problem:
-                print(problem)
+    shapes = compiled_shapes(sys.argv[1:], [128, 1024, 0, 128, 1024, 1])
     for shape in shapes:
         main(*shape)

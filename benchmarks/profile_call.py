@@ -5,14 +5,14 @@ Why: test_speed.py times a call plus a synchronize, as a user sees it; at small 
 far above the kernels' own (tune.py, do_bench). This separates the host's share from the GPU's.
 
 Run: python benchmarks/profile_call.py [D N causal ...]   (default: 64 1024 0  128 1024 0  128 16384 0)
-FlexAttention compiles first, in parallel processes (test_speed._compile_one), as in the speed grid.
+FlexAttention compiles first, in parallel processes (test_speed.compiled_shapes), as in the speed grid.
 """
 
 import sys
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _compile_one, _inputs, forward_call, gradients   # the speed grid's calls
+from test_speed import IMPLS, TOKENS, _inputs, compiled_shapes, forward_call, gradients   # the speed grid's calls
 from timing import call_sync_ms, call_sync_percentiles, host_us
 
 PROFILED = ("flashverify", "sdpa-cudnn", "flex")
@@ -81,14 +81,6 @@ def _direct_backward(q, k, v, do, causal):
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("profile_call.py needs a CUDA device")
-    if len(sys.argv) % 3 != 1 or not all(x.isdigit() for x in sys.argv[1:]):
-        sys.exit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {sys.argv[1:]}")
-    args = [int(x) for x in sys.argv[1:]] or [64, 1024, 0, 128, 1024, 0, 128, 16384, 0]
-    shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
-        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
-            if problem:
-                print(problem)
+    shapes = compiled_shapes(sys.argv[1:], [64, 1024, 0, 128, 1024, 0, 128, 16384, 0])
     for shape in shapes:
         profile(*shape)

@@ -216,6 +216,23 @@ def _compile_one(config):
     return None
 
 
+def compiled_shapes(argv, default):
+    """(D, N, causal) from command-line triples D N CAUSAL (else `default`, a flat list of them),
+    FlexAttention's fp16 kernels compiled for each first in spawned workers, as the grid compiles.
+    Why workers: compiled in the caller's process, FlexAttention's backward kept donated buffers
+    and refused a second retain_graph=True call (H200, session 19)."""
+    if len(argv) % 3 or not all(x.isdigit() for x in argv):
+        raise SystemExit(f"arguments: triples D N CAUSAL of whole numbers (CAUSAL 0 or 1), got {argv}")
+    args = [int(x) for x in argv] or list(default)
+    shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
+        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
+            if problem:
+                print(problem)
+    return shapes
+
+
 if __name__ == "__main__":
     import multiprocessing as mp
     import os
