@@ -203,15 +203,14 @@ def cmd_golden(args) -> int:
         except golden.GoldenError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        specs = args.impl or sorted(ref["implementations"])
-        if args.as_name and len(specs) != 1:
+        if args.as_name and len(args.impl or ref["implementations"]) != 1:
             print("error: --as needs exactly one --impl", file=sys.stderr)
             return 2
+        impls = named or [load(spec, device=device) for spec in sorted(ref["implementations"])]
         measured = {name for name in ("errors", "memory") if any(name in e for e in ref["implementations"].values())}
-        impls = named or [load(spec, device=device) for spec in specs]
         fresh = measure(impls, device, "errors" in measured, "memory" in measured, args.jobs)
         try:
-            changes = golden.compare(ref, fresh, {specs[0]: args.as_name} if args.as_name else None)
+            changes = golden.compare(ref, fresh, {impls[0].spec: args.as_name} if args.as_name else None)
         except golden.GoldenError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
