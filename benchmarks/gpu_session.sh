@@ -14,6 +14,9 @@
 #            (benchmarks/back_to_back_window.py): session 18's back-to-back time above call + synchronize
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
+#   ab-entry  one tile-table entry changed against the table as it is, both timings at that entry's N:
+#            AB_ENTRY="D128-dense N1024 dq 128 64 8 3 true" (key, N, kernel, block_m block_n warps stages TMA).
+#            Copies kernels/ to ab/base first; the changed table stays in kernels/ for the steps after it
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13;
 #            131 in 287 s, session 18)
@@ -56,12 +59,17 @@ for step in "$@"; do
       timeout 200 python3 benchmarks/process_context.py 2>&1 | tee "$OUT/process-context.log"
       TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 python3 benchmarks/process_context.py 2>&1 \
         | tee "$OUT/process-context-one-compile-thread.log" ;;
-    b2b-window)   # the D=128 1K backwards back to back over 2 s windows, ours/FlexAttention/cuDNN (~2-3 min, estimated)
+    b2b-window)   # the D=128 1K backwards back to back over 2 s windows, ours/FlexAttention/cuDNN (138 s, H200, session 20)
       timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -8 ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
       timeout 240 python3 benchmarks/ab_kernel.py ab/base --call-sync 2>&1 | tee "$OUT/ab-call-sync.log" | tail -13 ;;
+    ab-entry)
+      rm -rf ab/base && mkdir -p ab && cp -r kernels ab/base
+      n=$(python3 benchmarks/set_tile.py ${AB_ENTRY:?"set AB_ENTRY, e.g. AB_ENTRY=\"D128-dense N1024 dq 128 64 8 3 true\""}) || exit 1
+      timeout 100 python3 benchmarks/ab_kernel.py ab/base --n "$n" 2>&1 | tee "$OUT/ab-entry.log" | tail -8
+      timeout 150 python3 benchmarks/ab_kernel.py ab/base --n "$n" --call-sync 2>&1 | tee "$OUT/ab-entry-call-sync.log" | tail -8 ;;
     profile)
       timeout 300 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)
@@ -119,7 +127,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context ab ab-call-sync tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
          "props props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

@@ -470,3 +470,30 @@ def test_ab_kernel_host_times_tell_the_slower_version(tmp_path):
     ratio = {m[0]: float(m[1]) for m in re.findall(r"^(\S+)\s+host time.*\((\d+\.\d+)\)$", out.stdout, re.M)}
     assert set(ratio) == {"attention()", "_forward", "_backward"}, out.stdout
     assert ratio["_forward"] < 0.5 and ratio["attention()"] < 0.5 and ratio["_backward"] > 0.5, out.stdout
+
+
+# --- set_tile.py ------------------------------------------------------------------------------------
+
+def test_set_tile_changes_the_one_entry_and_prints_its_n(tmp_path, capsys):
+    set_tile = _tool("set_tile")
+    committed = pathlib.Path(__file__).parents[1] / "kernels" / "tiles" / "nvidia-h200.json"
+    path = tmp_path / "table.json"
+    path.write_text(committed.read_text())
+    set_tile.main(["D128-dense", "N1024", "dq", "128", "64", "8", "3", "true", "--table", str(path)])
+    assert capsys.readouterr().out == "1024\n"
+    before, after = json.loads(committed.read_text()), json.loads(path.read_text())
+    assert after["tiles"]["D128-dense"]["N1024"]["dq"] == [128, 64, 8, 3, True]
+    after["tiles"]["D128-dense"]["N1024"]["dq"] = before["tiles"]["D128-dense"]["N1024"]["dq"]
+    assert after == before   # nothing else moved
+
+
+@pytest.mark.parametrize("args, named", [
+    (["D96-dense", "N1024", "dq"], "KEY must be one of"),
+    (["D128-dense", "N2048", "dq"], "N must be one of"),
+])
+def test_set_tile_names_what_the_table_does_not_have(tmp_path, args, named):
+    set_tile = _tool("set_tile")
+    path = tmp_path / "table.json"
+    path.write_text((pathlib.Path(__file__).parents[1] / "kernels" / "tiles" / "nvidia-h200.json").read_text())
+    with pytest.raises(SystemExit, match=named):
+        set_tile.main([*args, "128", "64", "8", "3", "true", "--table", str(path)])

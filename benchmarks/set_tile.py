@@ -1,0 +1,56 @@
+"""Set one entry of this GPU's tile table (kernels/tiles/<gpu>.json), for an A/B of that entry alone.
+
+Why: tune.py keeps the committed tile unless another is more than its NOISE (3 %) faster, and
+a gain below that is told from noise only by timing both in one process (ab_kernel.py). This
+writes the changed table; gpu_session.sh's ab-entry step copies kernels/ to ab/base first.
+
+Run: python benchmarks/set_tile.py KEY N KERNEL BLOCK_M BLOCK_N WARPS STAGES TMA [--table PATH]
+     e.g. D128-dense N1024 dq 128 64 8 3 true. Prints N's digits (for ab_kernel.py --n).
+"""
+
+import argparse
+import json
+import sys
+
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def set_entry(table: dict, key: str, n: str, kernel: str, tile: list) -> list:
+    """Set table['tiles'][key][n][kernel] = tile; the entry it replaces. Names what is not in the table."""
+    tiles = table["tiles"]
+    if key not in tiles:
+        raise SystemExit(f"KEY must be one of {sorted(tiles)}, got {key!r}")
+    if n not in tiles[key]:
+        raise SystemExit(f"N must be one of {sorted(tiles[key])}, got {n!r}")
+    if kernel not in KERNELS:
+        raise SystemExit(f"KERNEL must be one of {KERNELS}, got {kernel!r}")
+    old, tiles[key][n][kernel] = tiles[key][n][kernel], tile
+    return old
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("key")
+    ap.add_argument("n", help="the table's name for it, e.g. N1024")
+    ap.add_argument("kernel", choices=KERNELS)
+    ap.add_argument("tile", type=int, nargs=4, metavar="BLOCK_M BLOCK_N WARPS STAGES")
+    ap.add_argument("tma", choices=("true", "false"))
+    ap.add_argument("--table", help="default: this GPU's table in kernels/tiles/")
+    args = ap.parse_args(argv)
+    path = args.table
+    if path is None:
+        import os
+        from flashverify.kernels.attention import TILES_DIR, device_slug
+        path = os.path.join(TILES_DIR, f"{device_slug('cuda')}.json")
+    with open(path) as f:
+        table = json.load(f)
+    tile = [*args.tile, args.tma == "true"]
+    old = set_entry(table, args.key, args.n, args.kernel, tile)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"{path}: {args.key} {args.n} {args.kernel} {old} -> {tile}", file=sys.stderr)
+    print(args.n.removeprefix("N"))
+
+
+if __name__ == "__main__":
+    main()
