@@ -17,6 +17,7 @@
 #   ab-entry  one tile-table entry changed against the table as it is, both timings at that entry's N:
 #            AB_ENTRY="D128-dense N1024 dq 128 64 8 3 true" (key, N, kernel, block_m block_n warps stages TMA).
 #            Copies kernels/ to ab/base first; the changed table stays in kernels/ for the steps after it
+#            (not yet run; estimated 2-4 min at one N, from the ab and ab-call-sync steps over three)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13;
 #            131 in 287 s, session 18)
