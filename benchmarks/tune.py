@@ -193,7 +193,7 @@ def main(argv=None):
         parser.error("tune.py measures a GPU's kernels: no CUDA device here")
     a = _attn()
     slug = a.device_slug("cuda")
-    out = args.out or os.path.join(a.TILES_DIR, f"{slug}.json")
+    out = args.out or a.tiles_path(slug)
     incumbents = {}   # the committed table's tiles, {key: {N: LaunchConfig}}; none: every choice fresh
     if not args.fresh:
         try:

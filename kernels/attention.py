@@ -69,13 +69,19 @@ def _slug_of(index: int) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def tiles_path(slug: str) -> str:
+    """kernels/tiles/<slug>.json: where benchmarks/tune.py writes a GPU model's tile table and
+    tuned_tiles reads it."""
+    return os.path.join(TILES_DIR, f"{slug}.json")
+
+
 @functools.lru_cache(maxsize=None)
 def tuned_tiles(slug: str) -> dict:
     """The tile table measured on this GPU model by benchmarks/tune.py (kernels/tiles/<slug>.json),
     or {} when none was measured: {'D<block_d>-<dense|masked>': {tuned N: LaunchConfig}}, 16-bit
     dtypes only. Tiles are per sequence length because the fastest tile is not the same at N=1K
     (many short programs) as at N=16K (H100, D=128 causal dQ: 64x32 fastest at 1K, 10 % slower at 16K)."""
-    path = os.path.join(TILES_DIR, f"{slug}.json")
+    path = tiles_path(slug)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
