@@ -22,6 +22,12 @@ def set_entry(table: dict, key: str, n: str, kernel: str, tile: list) -> list:
         raise SystemExit(f"KEY must be one of {sorted(tiles)}, got {key!r}")
     if n not in tiles[key]:
         raise SystemExit(f"N must be one of {sorted(tiles[key])}, got {n!r}")
+    block_m, block_n, warps, stages = tile[:4]
+    if not all(b >= 16 and b & (b - 1) == 0 for b in (block_m, block_n)):
+        raise SystemExit("BLOCK_M and BLOCK_N must be powers of two >= 16 (the kernels' tl.arange), "
+                         f"got {block_m}, {block_n}")
+    if warps < 1 or warps & (warps - 1) or stages < 1:
+        raise SystemExit(f"WARPS must be a power of two and STAGES at least 1, got {warps}, {stages}")
     old, tiles[key][n][kernel] = tiles[key][n][kernel], tile
     return old
 

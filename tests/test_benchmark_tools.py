@@ -488,12 +488,18 @@ def test_set_tile_changes_the_one_entry_and_prints_its_n(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, named", [
-    (["D96-dense", "N1024", "dq"], "KEY must be one of"),
-    (["D128-dense", "N2048", "dq"], "N must be one of"),
+    (["D96-dense", "N1024", "dq", "128", "64", "8", "3"], "KEY must be one of"),
+    (["D128-dense", "N2048", "dq", "128", "64", "8", "3"], "N must be one of"),
+    (["D128-dense", "N1024", "dq", "128", "48", "8", "3"], "BLOCK_M and BLOCK_N must be powers of two >= 16"),
+    (["D128-dense", "N1024", "dq", "8", "64", "8", "3"], "BLOCK_M and BLOCK_N must be powers of two >= 16"),
+    (["D128-dense", "N1024", "dq", "128", "64", "6", "3"], "WARPS must be a power of two and STAGES at least 1"),
+    (["D128-dense", "N1024", "dq", "128", "64", "8", "0"], "WARPS must be a power of two and STAGES at least 1"),
 ])
-def test_set_tile_names_what_the_table_does_not_have(tmp_path, args, named):
+def test_set_tile_names_what_the_table_does_not_have_or_a_tile_the_kernels_cannot_take(tmp_path, args, named):
     set_tile = _tool("set_tile")
     path = tmp_path / "table.json"
-    path.write_text((pathlib.Path(__file__).parents[1] / "kernels" / "tiles" / "nvidia-h200.json").read_text())
+    text = (pathlib.Path(__file__).parents[1] / "kernels" / "tiles" / "nvidia-h200.json").read_text()
+    path.write_text(text)
     with pytest.raises(SystemExit, match=named):
-        set_tile.main([*args, "128", "64", "8", "3", "true", "--table", str(path)])
+        set_tile.main([*args, "true", "--table", str(path)])
+    assert path.read_text() == text   # nothing written
