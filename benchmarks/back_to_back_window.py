@@ -8,8 +8,11 @@ the median of 3 batches of about 0.08 s (timing.back_to_back_ms). Here each roun
 for WINDOW_S with a CUDA event every EVENT_CALLS calls, so the ms per call is seen along the
 window: a rise along it (clocks under sustained load) differs from a level offset (our calls).
 
-Run: python benchmarks/back_to_back_window.py [D N CAUSAL ...]   (default: 128 1024 0  128 1024 1:
-the two D=128 1K backwards at parity with FlexAttention, sessions 16-19)
+Each config ends with the medians over the rounds of both timings and, round by round, in how many
+ours was the faster: a gap within the rounds' spread shows as a split count.
+
+Run: python benchmarks/back_to_back_window.py [--dtype fp16|bf16] [D N CAUSAL ...]   (default: fp16,
+128 1024 0  128 1024 1: the two D=128 1K backwards at parity with FlexAttention, sessions 16-20)
 """
 
 import statistics
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from test_speed import IMPLS, TOKENS, _inputs, compiled_shapes, gradients   # the speed grid's calls
+from test_speed import DTYPE_IDS, IMPLS, TOKENS, _inputs, compiled_shapes, gradients   # the speed grid's calls
 from timing import call_sync_ms
 
 COMPARED = ("flashverify", "flex", "sdpa-cudnn")
@@ -42,9 +45,26 @@ def window(call):
     return [a.elapsed_time(b) / EVENT_CALLS for a, b in zip(events, events[1:])]
 
 
-def main(d, n, causal):
-    q, k, v = _inputs(TOKENS // n, n, d, torch.float16)
-    config = f"D{d} N{n} {'causal' if causal else 'dense'}"
+def round_summary(config, rounds):
+    """Lines for one config from {name: [(call + synchronize ms, back-to-back ms), ...] per round}:
+    each implementation's medians, then ours against FlexAttention (speed, so above 1 is faster)."""
+    lines = []
+    for name, timed in rounds.items():
+        sync, b2b = (statistics.median(t[i] for t in timed) for i in (0, 1))
+        lines.append(f"{config} {name:12s} over {len(timed)} rounds: call+sync {sync:.3f} ms, back to back {b2b:.3f} ms")
+    ours, flex = rounds["flashverify"], rounds["flex"]
+    parts = []
+    for i, timing in enumerate(("call+sync", "back to back")):
+        ratio = statistics.median(f[i] for f in flex) / statistics.median(o[i] for o in ours)
+        wins = sum(o[i] < f[i] for o, f in zip(ours, flex))
+        parts.append(f"{timing} {ratio:.3f} (ours faster in {wins} of {len(ours)} rounds)")
+    lines.append(f"{config} ours/flex speed: " + "; ".join(parts))
+    return lines
+
+
+def main(d, n, causal, dtype):
+    q, k, v = _inputs(TOKENS // n, n, d, dtype)
+    config = f"{DTYPE_IDS[dtype]} D{d} N{n} {'causal' if causal else 'dense'}"
     calls = {}
     for name in COMPARED:
         o = IMPLS[name](q, k, v, causal)
@@ -52,11 +72,13 @@ def main(d, n, causal):
         calls[name] = lambda o=o, do=do: gradients(o, (q, k, v), do)
     order = list(COMPARED)
     series = {name: [] for name in COMPARED}
+    rounds = {name: [] for name in COMPARED}
     for r in range(ROUNDS):
         for name in order if r % 2 == 0 else order[::-1]:
             sync = call_sync_ms(calls[name])
             ms = window(calls[name])
             series[name].append(ms)
+            rounds[name].append((sync, statistics.median(ms)))
             quarters = [statistics.median(ms[i * len(ms) // 4:(i + 1) * len(ms) // 4]) for i in range(4)]
             print(f"{config} round {r} {name:12s} call+sync {sync:.3f} ms; back to back {statistics.median(ms):.3f} ms"
                   f" (median of {len(ms)} segments of {EVENT_CALLS} calls; by quarter of the window:"
@@ -66,11 +88,17 @@ def main(d, n, causal):
         rest = [x for s in series[name] for x in s[1:]]
         print(f"{config} {name:12s} back to back: first segment of each window {statistics.median(firsts):.3f} ms,"
               f" the rest {statistics.median(rest):.3f} ms (min {min(rest):.3f}, max {max(rest):.3f})")
+    print("\n".join(round_summary(config, rounds)), flush=True)
 
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("back_to_back_window.py needs a CUDA device")
-    shapes = compiled_shapes(sys.argv[1:], [128, 1024, 0, 128, 1024, 1])
-    for shape in shapes:
-        main(*shape)
+    argv, dtype = sys.argv[1:], torch.float16
+    if argv[:1] == ["--dtype"]:
+        named = {v: k for k, v in DTYPE_IDS.items()}
+        if len(argv) < 2 or argv[1] not in named:
+            sys.exit(f"--dtype: one of {', '.join(named)}, got {argv[1:2] or 'nothing'}")
+        dtype, argv = named[argv[1]], argv[2:]
+    for shape in compiled_shapes(argv, [128, 1024, 0, 128, 1024, 1], dtype):
+        main(*shape, dtype)

@@ -12,12 +12,14 @@
 #            with inductor's compile-worker pool, then without it (TORCHINDUCTOR_COMPILE_THREADS=1); ~3 min
 #   b2b-window  the D=128 dense and causal N=1K backwards back to back over long windows, event by event
 #            (benchmarks/back_to_back_window.py): session 18's back-to-back time above call + synchronize
+#   b2b-window-bf16  the same in bf16 (the grid's bf16 D=128 dense 1K backward back to back: 0.92 and 0.91
+#            of FlexAttention, sessions 20-21, from 3 short batches)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   ab-entry  one tile-table entry changed against the table as it is, both timings at that entry's N:
 #            AB_ENTRY="D128-dense N1024 dq 128 64 8 3 true" (key, N, kernel, block_m block_n warps stages TMA).
 #            Copies kernels/ to ab/base first; the changed table stays in kernels/ for the steps after it
-#            (not yet run; estimated 2-4 min at one N, from the ab and ab-call-sync steps over three)
+#            (77 s at N=1024 on an H200, session 21)
 #   tests    the harness's tests, natively on the GPU, less the golden check (run gate with it)
 #   tests-kernel  tests/test_kernel.py alone on the GPU (H200: 118 tests in 295 s, session 10; 121 in 161-228 s, session 11; 124 in 164-280 s, session 13;
 #            131 in 287 s, session 18)
@@ -61,7 +63,9 @@ for step in "$@"; do
       TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 python3 benchmarks/process_context.py 2>&1 \
         | tee "$OUT/process-context-one-compile-thread.log" ;;
     b2b-window)   # the D=128 1K backwards back to back over 2 s windows, ours/FlexAttention/cuDNN (138 s, H200, session 20)
-      timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -8 ;;
+      timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -14 ;;
+    b2b-window-bf16)
+      timeout 200 python3 benchmarks/back_to_back_window.py --dtype bf16 2>&1 | tee "$OUT/b2b-window-bf16.log" | tail -14 ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)

@@ -216,9 +216,9 @@ def _compile_one(config):
     return None
 
 
-def compiled_shapes(argv, default):
+def compiled_shapes(argv, default, dtype=torch.float16):
     """(D, N, causal) from command-line triples D N CAUSAL (else `default`, a flat list of them),
-    FlexAttention's fp16 kernels compiled for each first in spawned workers, as the grid compiles.
+    FlexAttention's kernels (of `dtype`) compiled for each first in spawned workers, as the grid compiles.
     Why workers: compiled in the caller's process, FlexAttention's backward kept donated buffers
     and refused a second retain_graph=True call (H200, session 19)."""
     if len(argv) % 3 or not all(x.isdigit() for x in argv):
@@ -227,7 +227,7 @@ def compiled_shapes(argv, default):
     shapes = [(args[i], args[i + 1], bool(args[i + 2])) for i in range(0, len(args), 3)]
     import multiprocessing as mp
     with mp.get_context("spawn").Pool(min(len(shapes), 14)) as pool:
-        for problem in pool.imap_unordered(_compile_one, [("flex", torch.float16, d, c, n) for d, n, c in shapes]):
+        for problem in pool.imap_unordered(_compile_one, [("flex", dtype, d, c, n) for d, n, c in shapes]):
             if problem:
                 print(problem)
     return shapes

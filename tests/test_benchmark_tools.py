@@ -377,12 +377,12 @@ def test_the_speed_grid_runs_light_configs_first_and_a_configs_implementations_t
         assert len(set(configs[at:at + 5])) == 1, f"implementations of {configs[at]} are not together"
 
 
-def _speed_module():
-    """benchmarks/test_speed.py as a module."""
+def _speed_module(name="test_speed"):
+    """benchmarks/test_speed.py (or a tool that imports it) as a module."""
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))   # test_speed imports timing
     try:
-        return _tool("test_speed")
+        return _tool(name)
     finally:
         sys.path.pop(0)
 
@@ -503,3 +503,21 @@ def test_set_tile_names_what_the_table_does_not_have_or_a_tile_the_kernels_canno
     with pytest.raises(SystemExit, match=named):
         set_tile.main([*args, "true", "--table", str(path)])
     assert path.read_text() == text   # nothing written
+
+
+# --- back_to_back_window.py ----------------------------------------------------------------------
+
+def test_the_window_summary_gives_medians_and_ours_against_flexattention_round_by_round():
+    """From session 21's fp16 D=128 dense rounds (benchmarks/results/2026-12-02-h200-s21/b2b-window.log):
+    ours faster back to back in all six rounds, by call + synchronize in five."""
+    window = _speed_module("back_to_back_window")
+    ours_sync, ours_b2b = (2.148, 2.213, 2.194, 2.182, 2.186, 2.148), (2.043, 2.078, 2.079, 2.057, 2.048, 2.055)
+    flex_sync, flex_b2b = (2.191, 2.195, 2.243, 2.219, 2.230, 2.254), (2.047, 2.088, 2.085, 2.070, 2.070, 2.070)
+    rounds = {"flashverify": list(zip(ours_sync, ours_b2b)), "flex": list(zip(flex_sync, flex_b2b))}
+    lines = window.round_summary("fp16 D128 N1024 dense", rounds)
+    assert lines[0] == "fp16 D128 N1024 dense flashverify  over 6 rounds: call+sync 2.184 ms, back to back 2.056 ms"
+    assert lines[1] == "fp16 D128 N1024 dense flex         over 6 rounds: call+sync 2.224 ms, back to back 2.070 ms"
+    assert lines[2] == ("fp16 D128 N1024 dense ours/flex speed: call+sync 1.019 (ours faster in 5 of 6 rounds); "
+                        "back to back 1.007 (ours faster in 6 of 6 rounds)")
+    slower = {"flashverify": rounds["flex"], "flex": rounds["flashverify"]}   # the two swapped
+    assert "call+sync 0.982 (ours faster in 1 of 6 rounds)" in window.round_summary("c", slower)[2]
