@@ -91,14 +91,19 @@ def main(d, n, causal, dtype):
     print("\n".join(round_summary(config, rounds)), flush=True)
 
 
+def dtype_and_rest(argv):
+    """(dtype, the other arguments) from a leading `--dtype fp16|bf16` (default fp16)."""
+    if argv[:1] != ["--dtype"]:
+        return torch.float16, argv
+    named = {v: k for k, v in DTYPE_IDS.items()}
+    if len(argv) < 2 or argv[1] not in named:
+        raise SystemExit(f"--dtype: one of {', '.join(named)}, got {argv[1] if len(argv) > 1 else 'nothing'}")
+    return named[argv[1]], argv[2:]
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("back_to_back_window.py needs a CUDA device")
-    argv, dtype = sys.argv[1:], torch.float16
-    if argv[:1] == ["--dtype"]:
-        named = {v: k for k, v in DTYPE_IDS.items()}
-        if len(argv) < 2 or argv[1] not in named:
-            sys.exit(f"--dtype: one of {', '.join(named)}, got {argv[1:2] or 'nothing'}")
-        dtype, argv = named[argv[1]], argv[2:]
+    dtype, argv = dtype_and_rest(sys.argv[1:])
     for shape in compiled_shapes(argv, [128, 1024, 0, 128, 1024, 1], dtype):
         main(*shape, dtype)

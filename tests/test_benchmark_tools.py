@@ -521,3 +521,13 @@ def test_the_window_summary_gives_medians_and_ours_against_flexattention_round_b
                         "back to back 1.007 (ours faster in 6 of 6 rounds)")
     slower = {"flashverify": rounds["flex"], "flex": rounds["flashverify"]}   # the two swapped
     assert "call+sync 0.982 (ours faster in 1 of 6 rounds)" in window.round_summary("c", slower)[2]
+
+
+def test_the_window_tool_takes_a_dtype_and_names_the_ones_it_accepts():
+    import torch
+    window = _speed_module("back_to_back_window")
+    assert window.dtype_and_rest(["128", "1024", "0"]) == (torch.float16, ["128", "1024", "0"])
+    assert window.dtype_and_rest(["--dtype", "bf16", "64", "1024", "1"]) == (torch.bfloat16, ["64", "1024", "1"])
+    for bad, named in ((["--dtype", "fp8"], "got fp8"), (["--dtype"], "got nothing")):
+        with pytest.raises(SystemExit, match=f"--dtype: one of fp16, bf16, {named}"):
+            window.dtype_and_rest(bad)
