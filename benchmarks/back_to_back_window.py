@@ -71,24 +71,23 @@ def main(d, n, causal, dtype):
         do = torch.randn_like(o)
         calls[name] = lambda o=o, do=do: gradients(o, (q, k, v), do)
     order = list(COMPARED)
-    series = {name: [] for name in COMPARED}
-    rounds = {name: [] for name in COMPARED}
+    series = {name: [] for name in COMPARED}   # per round: (call + synchronize ms, back-to-back ms, the window's segments)
     for r in range(ROUNDS):
         for name in order if r % 2 == 0 else order[::-1]:
             sync = call_sync_ms(calls[name])
             ms = window(calls[name])
-            series[name].append(ms)
-            rounds[name].append((sync, statistics.median(ms)))
+            b2b = statistics.median(ms)
+            series[name].append((sync, b2b, ms))
             quarters = [statistics.median(ms[i * len(ms) // 4:(i + 1) * len(ms) // 4]) for i in range(4)]
-            print(f"{config} round {r} {name:12s} call+sync {sync:.3f} ms; back to back {statistics.median(ms):.3f} ms"
+            print(f"{config} round {r} {name:12s} call+sync {sync:.3f} ms; back to back {b2b:.3f} ms"
                   f" (median of {len(ms)} segments of {EVENT_CALLS} calls; by quarter of the window:"
                   f" {' '.join(f'{x:.3f}' for x in quarters)})", flush=True)
     for name in COMPARED:
-        firsts = [s[0] for s in series[name]]
-        rest = [x for s in series[name] for x in s[1:]]
+        firsts = [ms[0] for _, _, ms in series[name]]
+        rest = [x for _, _, ms in series[name] for x in ms[1:]]
         print(f"{config} {name:12s} back to back: first segment of each window {statistics.median(firsts):.3f} ms,"
               f" the rest {statistics.median(rest):.3f} ms (min {min(rest):.3f}, max {max(rest):.3f})")
-    print("\n".join(round_summary(config, rounds)), flush=True)
+    print("\n".join(round_summary(config, {name: [t[:2] for t in timed] for name, timed in series.items()})), flush=True)
 
 
 def dtype_and_rest(argv):

@@ -132,7 +132,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context b2b-window b2b-window-bf16 ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
          "props props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
