@@ -1,5 +1,5 @@
-"""Back-to-back time over a long window, event by event (GPU only): grid configs' backwards,
-for the bundled kernel, FlexAttention and SDPA's cuDNN backend, in alternating rounds.
+"""Back-to-back time over a long window, event by event (GPU only): grid configs' backwards (or
+forwards), for the bundled kernel, FlexAttention and SDPA's cuDNN backend, in alternating rounds.
 
 Why: in session 18's grid our D=128 dense N=1K backward took longer per call back to back
 (2.346 ms) than by call + synchronize (2.267 ms), where every other 1K backward is 3-38 % faster
@@ -11,8 +11,12 @@ window: a rise along it (clocks under sustained load) differs from a level offse
 Each config ends with the medians over the rounds of both timings and, round by round, in how many
 ours was the faster: a gap within the rounds' spread shows as a split count.
 
-Run: python benchmarks/back_to_back_window.py [--dtype fp16|bf16] [D N CAUSAL ...]   (default: fp16,
-128 1024 0  128 1024 1: the two D=128 1K backwards at parity with FlexAttention, sessions 16-20)
+The forward (--direction fwd): session 21's fp16 grid had our D=128 causal 1K forward at 0.99 of
+FlexAttention by call + synchronize and 1.18 back to back, from the grid's short batches.
+
+Run: python benchmarks/back_to_back_window.py [--dtype fp16|bf16] [--direction bwd|fwd] [D N CAUSAL ...]
+(default: fp16, bwd, 128 1024 0  128 1024 1: the two D=128 1K backwards at parity with FlexAttention,
+sessions 16-20)
 """
 
 import statistics
@@ -21,7 +25,7 @@ import time
 
 import torch
 
-from test_speed import DTYPE_IDS, IMPLS, TOKENS, _inputs, compiled_shapes, gradients   # the speed grid's calls
+from test_speed import DTYPE_IDS, IMPLS, TOKENS, _inputs, compiled_shapes, forward_call, gradients   # the speed grid's calls
 from timing import call_sync_ms
 
 COMPARED = ("flashverify", "flex", "sdpa-cudnn")
@@ -62,11 +66,14 @@ def round_summary(config, rounds):
     return lines
 
 
-def main(d, n, causal, dtype):
+def main(d, n, causal, dtype, direction):
     q, k, v = _inputs(TOKENS // n, n, d, dtype)
-    config = f"{DTYPE_IDS[dtype]} D{d} N{n} {'causal' if causal else 'dense'}"
+    config = f"{direction} {DTYPE_IDS[dtype]} D{d} N{n} {'causal' if causal else 'dense'}"
     calls = {}
     for name in COMPARED:
+        if direction == "fwd":
+            calls[name] = forward_call(IMPLS[name], q, k, v, causal)
+            continue
         o = IMPLS[name](q, k, v, causal)
         do = torch.randn_like(o)
         calls[name] = lambda o=o, do=do: gradients(o, (q, k, v), do)
@@ -90,19 +97,24 @@ def main(d, n, causal, dtype):
     print("\n".join(round_summary(config, {name: [t[:2] for t in timed] for name, timed in series.items()})), flush=True)
 
 
-def dtype_and_rest(argv):
-    """(dtype, the other arguments) from a leading `--dtype fp16|bf16` (default fp16)."""
-    if argv[:1] != ["--dtype"]:
-        return torch.float16, argv
-    named = {v: k for k, v in DTYPE_IDS.items()}
-    if len(argv) < 2 or argv[1] not in named:
-        raise SystemExit(f"--dtype: one of {', '.join(named)}, got {argv[1] if len(argv) > 1 else 'nothing'}")
-    return named[argv[1]], argv[2:]
+OPTIONS = {"--dtype": {v: k for k, v in DTYPE_IDS.items()}, "--direction": {"bwd": "bwd", "fwd": "fwd"}}
+
+
+def options_and_rest(argv):
+    """({--dtype: torch dtype, --direction: 'bwd' or 'fwd'}, the other arguments) from leading
+    options (defaults fp16, bwd)."""
+    chosen = {"--dtype": torch.float16, "--direction": "bwd"}
+    while argv[:1] and argv[0] in OPTIONS:
+        name, accepted = argv[0], OPTIONS[argv[0]]
+        if len(argv) < 2 or argv[1] not in accepted:
+            raise SystemExit(f"{name}: one of {', '.join(accepted)}, got {argv[1] if len(argv) > 1 else 'nothing'}")
+        chosen[name], argv = accepted[argv[1]], argv[2:]
+    return chosen, argv
 
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("back_to_back_window.py needs a CUDA device")
-    dtype, argv = dtype_and_rest(sys.argv[1:])
-    for shape in compiled_shapes(argv, [128, 1024, 0, 128, 1024, 1], dtype):
-        main(*shape, dtype)
+    chosen, argv = options_and_rest(sys.argv[1:])
+    for shape in compiled_shapes(argv, [128, 1024, 0, 128, 1024, 1], chosen["--dtype"]):
+        main(*shape, chosen["--dtype"], chosen["--direction"])

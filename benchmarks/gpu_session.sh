@@ -14,6 +14,8 @@
 #            (benchmarks/back_to_back_window.py): session 18's back-to-back time above call + synchronize
 #   b2b-window-bf16  the same in bf16 (the grid's bf16 D=128 dense 1K backward back to back: 0.92 and 0.91
 #            of FlexAttention, sessions 20-21, from 3 short batches)
+#   b2b-window-fwd  the fp16 D=128 causal and dense N=1K forwards so (session 21's grid: causal 0.99 of
+#            FlexAttention by call + synchronize, 1.18 back to back)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   ab-entry  one tile-table entry changed against the table as it is, both timings at that entry's N:
@@ -66,6 +68,9 @@ for step in "$@"; do
       timeout 200 python3 benchmarks/back_to_back_window.py 2>&1 | tee "$OUT/b2b-window.log" | tail -14 ;;
     b2b-window-bf16)
       timeout 200 python3 benchmarks/back_to_back_window.py --dtype bf16 2>&1 | tee "$OUT/b2b-window-bf16.log" | tail -14 ;;
+    b2b-window-fwd)
+      timeout 200 python3 benchmarks/back_to_back_window.py --direction fwd 128 1024 1 128 1024 0 2>&1 \
+        | tee "$OUT/b2b-window-fwd.log" | tail -14 ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
@@ -132,7 +137,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context b2b-window b2b-window-bf16 ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context b2b-window b2b-window-bf16 b2b-window-fwd ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
          "props props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"

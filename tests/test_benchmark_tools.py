@@ -523,11 +523,17 @@ def test_the_window_summary_gives_medians_and_ours_against_flexattention_round_b
     assert "call+sync 0.982 (ours faster in 1 of 6 rounds)" in window.round_summary("c", slower)[2]
 
 
-def test_the_window_tool_takes_a_dtype_and_names_the_ones_it_accepts():
+def test_the_window_tool_takes_a_dtype_and_a_direction_and_names_the_values_it_accepts():
     import torch
     window = _speed_module("back_to_back_window")
-    assert window.dtype_and_rest(["128", "1024", "0"]) == (torch.float16, ["128", "1024", "0"])
-    assert window.dtype_and_rest(["--dtype", "bf16", "64", "1024", "1"]) == (torch.bfloat16, ["64", "1024", "1"])
-    for bad, named in ((["--dtype", "fp8"], "got fp8"), (["--dtype"], "got nothing")):
-        with pytest.raises(SystemExit, match=f"--dtype: one of fp16, bf16, {named}"):
-            window.dtype_and_rest(bad)
+    defaults = {"--dtype": torch.float16, "--direction": "bwd"}
+    assert window.options_and_rest(["128", "1024", "0"]) == (defaults, ["128", "1024", "0"])
+    assert window.options_and_rest(["--dtype", "bf16", "64", "1024", "1"]) == (
+        {"--dtype": torch.bfloat16, "--direction": "bwd"}, ["64", "1024", "1"])
+    assert window.options_and_rest(["--direction", "fwd", "--dtype", "bf16", "128", "1024", "1"]) == (
+        {"--dtype": torch.bfloat16, "--direction": "fwd"}, ["128", "1024", "1"])
+    for bad, message in ((["--dtype", "fp8"], "--dtype: one of fp16, bf16, got fp8"),
+                         (["--dtype"], "--dtype: one of fp16, bf16, got nothing"),
+                         (["--direction", "both"], "--direction: one of bwd, fwd, got both")):
+        with pytest.raises(SystemExit, match=message):
+            window.options_and_rest(bad)
