@@ -15,7 +15,9 @@
 #   b2b-window-bf16  the same in bf16 (the grid's bf16 D=128 dense 1K backward back to back: 0.92 and 0.91
 #            of FlexAttention, sessions 20-21, from 3 short batches)
 #   b2b-window-fwd  the fp16 D=128 causal and dense N=1K forwards so (session 21's grid: causal 0.99 of
-#            FlexAttention by call + synchronize, 1.18 back to back)
+#            FlexAttention by call + synchronize, 1.18 back to back; session 23's windows: 1.178 and 1.164)
+#   b2b-window-fwd-d64  the D=64 dense N=1K forwards so, fp16 then bf16 (session 21's back-to-back grids:
+#            1.01 and 0.995 of FlexAttention)
 #   ab       this kernel against the copy of kernels/ in ./ab/base, in one process (benchmarks/ab_kernel.py)
 #   ab-call-sync  the same, timed as the speed grid times (public function, autograd, synchronized calls)
 #   ab-entry  one tile-table entry changed against the table as it is, both timings at that entry's N:
@@ -71,6 +73,11 @@ for step in "$@"; do
     b2b-window-fwd)
       timeout 200 python3 benchmarks/back_to_back_window.py --direction fwd 128 1024 1 128 1024 0 2>&1 \
         | tee "$OUT/b2b-window-fwd.log" | tail -14 ;;
+    b2b-window-fwd-d64)
+      for dt in fp16 bf16; do
+        timeout 150 python3 benchmarks/back_to_back_window.py --dtype $dt --direction fwd 64 1024 0 2>&1 \
+          | tee "$OUT/b2b-window-fwd-d64-$dt.log" | tail -4
+      done ;;
     ab)
       timeout 200 python3 benchmarks/ab_kernel.py ab/base 2>&1 | tee "$OUT/ab.log" | tail -13 ;;
     ab-call-sync)
@@ -137,7 +144,7 @@ for step in "$@"; do
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" | tee "$OUT/bench-$dt.txt"
       python3 benchmarks/summarize.py "$OUT/bench-$dt.json" --floors "$OUT/floors.json" --back-to-back \
         | tee "$OUT/bench-$dt-back-to-back.txt" ;;
-    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context b2b-window b2b-window-bf16 b2b-window-fwd ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
+    *) echo "unknown step $step; the steps: tune profile host-cost grid-vs-profile process-context b2b-window b2b-window-bf16 b2b-window-fwd b2b-window-fwd-d64 ab ab-call-sync ab-entry tests tests-kernel golden gate report" \
          "props props-release-1 props-release-2 props-release-3 props-thorough-1 props-thorough-2 props-torch bench-fp16 bench-bf16" >&2; exit 2 ;;
   esac
   echo "== $step: $((SECONDS - start)) s"
