@@ -12,7 +12,7 @@ Each config ends with the medians over the rounds of both timings and, round by 
 ours was the faster: a gap within the rounds' spread shows as a split count.
 
 The forward (--direction fwd): session 21's fp16 grid had our D=128 causal 1K forward at 0.99 of
-FlexAttention by call + synchronize and 1.18 back to back, from the grid's short batches.
+FlexAttention by call + synchronize and 1.18 back to back, each from under a second of calls.
 
 Run: python benchmarks/back_to_back_window.py [--dtype fp16|bf16] [--direction bwd|fwd] [D N CAUSAL ...]
 (default: fp16, bwd, 128 1024 0  128 1024 1: the two D=128 1K backwards at parity with FlexAttention,
