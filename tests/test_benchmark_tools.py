@@ -65,15 +65,15 @@ def test_a_held_tile_that_was_not_measured_at_every_n_is_not_kept():
     assert tune.choose(timings, NS, held={n: "gone" for n in NS}) == {n: "a" for n in NS}
 
 
-def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(monkeypatch):
+def test_the_load_pass_times_the_chosen_tile_through_tma_and_through_pointers(monkeypatch, device):
     """tune._faster_loads runs the kernel with each load path, the tile otherwise unchanged
-    (here on the interpreter, with a stand-in for do_bench that reports which path the dK/dV
-    kernel's tile took: TMA "faster" when it was TMA)."""
+    (on the interpreter or the GPU, with a stand-in for do_bench that reports which path the
+    dK/dV kernel's tile took: TMA "faster" when it was TMA)."""
     import importlib
     import torch
     a = importlib.import_module("flashverify.kernels.attention")
     g = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, 2, 40, 32, generator=g).half() for _ in range(4))
+    q, k, v, do = (torch.randn(1, 2, 40, 32, generator=g).half().to(device) for _ in range(4))
     config = a.default_config(32, torch.float16)
     o, _, stats = a._forward(q, k, v, tune._problem(q, k, v, False, config))
     tma_pair, tiles = a._tma_pair, []
@@ -131,11 +131,11 @@ class _InProcessPool:
     imap_unordered = staticmethod(map)
 
 
-def _tune(monkeypatch, tmp_path, committed, clock, argv=()):
+def _tune(monkeypatch, tmp_path, device, committed, clock, argv=()):
     """The table tune.main writes for head dim 32 at N = 32 and 64, two tiles per kernel, with a
     stand-in clock: clock(kernel, tile, n, reading) gives the ms of the reading-th timing (from 0)
     of that tile. The kernel under test is left out (tune._run returns its inputs); the forward
-    whose output the backward's timings read runs, on the interpreter."""
+    whose output the backward's timings read runs, on the interpreter or the GPU (device)."""
     import importlib
     import torch
     import triton.testing
@@ -148,7 +148,7 @@ def _tune(monkeypatch, tmp_path, committed, clock, argv=()):
     monkeypatch.setattr(tune, "mp", type("mp", (), {"get_context": staticmethod(lambda how: _InProcessPool())}))
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(tune, "_inputs", lambda b, n, d, seed=0: [   # the compile step's N=256 too
-        torch.randn(b, 2, min(n, 64), d, generator=g).half() for _ in range(4)])
+        torch.randn(b, 2, min(n, 64), d, generator=g).half().to(device) for _ in range(4)])
     ran, readings = [], {}
 
     def run(q, k, v, do, causal, kernel, config, fwd_out=None):
@@ -188,27 +188,27 @@ def _everywhere(entry):
     return {key: {f"N{n}": entry for n in (32, 64)} for key in ("D32-dense", "D32-masked")}
 
 
-def test_a_retune_that_measures_no_difference_changes_no_tile_and_no_load_path(monkeypatch, tmp_path):
+def test_a_retune_that_measures_no_difference_changes_no_tile_and_no_load_path(monkeypatch, tmp_path, device):
     """Every timing equal: each committed tile and its loads stay (the holds of choose and of
     takes_tma). Fresh, each entry is the first candidate, on TMA."""
-    table = _tune(monkeypatch, tmp_path, _committed(), lambda kernel, tile, n, reading: 1.0)
+    table = _tune(monkeypatch, tmp_path, device, _committed(), lambda kernel, tile, n, reading: 1.0)
     assert table["tiles"] == _everywhere(COMMITTED)
-    fresh = _tune(monkeypatch, tmp_path, _committed(), lambda kernel, tile, n, reading: 1.0, ["--fresh"])
+    fresh = _tune(monkeypatch, tmp_path, device, _committed(), lambda kernel, tile, n, reading: 1.0, ["--fresh"])
     assert fresh["tiles"] == _everywhere({kernel: [16, 16, 4, 2, True] for kernel in COMMITTED})
 
 
-def test_a_committed_tile_slow_in_one_timing_only_stays_through_the_interleaved_timings(monkeypatch, tmp_path):
+def test_a_committed_tile_slow_in_one_timing_only_stays_through_the_interleaved_timings(monkeypatch, tmp_path, device):
     """The committed tile's first timing reads 20 % slow, so choose picks the other; the
     interleaved timings of the two read them equal, and the committed tile stays."""
     def clock(kernel, tile, n, reading):
         return 1.2 if tile.block_m * tile.block_n == 512 and reading == 0 else 1.0
-    table = _tune(monkeypatch, tmp_path, _committed(), clock)
+    table = _tune(monkeypatch, tmp_path, device, _committed(), clock)
     assert table["tiles"] == _everywhere(COMMITTED)
     confirmations = table["timings_ms"]["D32-dense"]["dkdv"]["16x16w4s2"]["against_committed_ms"]
     assert confirmations == {"N32": {"new": 1.0, "committed": 1.0}, "N64": {"new": 1.0, "committed": 1.0}}
 
 
-def test_a_tile_faster_beyond_noise_replaces_the_committed_one_and_takes_its_faster_loads(monkeypatch, tmp_path):
+def test_a_tile_faster_beyond_noise_replaces_the_committed_one_and_takes_its_faster_loads(monkeypatch, tmp_path, device):
     """dK/dV's first candidate is 10 % faster in every timing: it replaces the committed tile, on
     TMA where the two ways tie. The committed forward tile stays, but TMA loads read 10 % faster
     for it: beyond NOISE, so it leaves its committed pointer loads."""
@@ -216,7 +216,7 @@ def test_a_tile_faster_beyond_noise_replaces_the_committed_one_and_takes_its_fas
         if kernel == "dkdv" and tile.block_n == 16:
             return 0.9
         return 0.9 if kernel == "fwd" and tile.block_m == 32 and tile.tma else 1.0
-    table = _tune(monkeypatch, tmp_path, _committed(), clock)
+    table = _tune(monkeypatch, tmp_path, device, _committed(), clock)
     assert table["tiles"] == _everywhere(dict(COMMITTED, fwd=[32, 16, 4, 2, True], dkdv=[16, 16, 4, 2, True]))
 
 # --- summarize ------------------------------------------------------------------------------------
