@@ -49,6 +49,12 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+harness_tests() {   # LOG [PYTEST ARGS...]: tests/ less the committed-golden test, the gate step's check
+  local log=$1; shift
+  timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests "$@" \
+    --deselect tests/test_golden.py::test_committed_golden_for_this_platform_holds 2>&1 \
+    | tee "$OUT/$log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)"
+}
 for step in "$@"; do
   start=$SECONDS
   case $step in
@@ -92,13 +98,9 @@ for step in "$@"; do
     profile)
       timeout 300 python3 benchmarks/profile_call.py 2>&1 | tee "$OUT/profile.log" | grep -E "call\+sync" ;;
     tests)
-      # less the committed-golden test, which is the gate step's check (one worker here: 473 s of 540)
-      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests \
-        --deselect tests/test_golden.py::test_committed_golden_for_this_platform_holds 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" ;;
+      harness_tests tests.log ;;
     tests-rest)
-      timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short --durations=15 tests \
-        --ignore tests/test_kernel.py --deselect tests/test_golden.py::test_committed_golden_for_this_platform_holds 2>&1 \
-        | tee "$OUT/tests-rest.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" ;;
+      harness_tests tests-rest.log --ignore tests/test_kernel.py ;;
     tests-kernel)   # the kernel's own tests alone (3-5 min): after a launch or tile change
       timeout -s INT 420 python3 -m pytest -q -p no:cacheprovider -n 16 -rfE --tb=short tests/test_kernel.py 2>&1 \
         | tee "$OUT/tests-kernel.log" | grep -E "^(FAILED|ERROR)|passed|failed" ;;
